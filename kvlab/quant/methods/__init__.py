@@ -1,0 +1,2 @@
+"""One file per method; importing this package registers them all (see `kvlab.quant.registry`)."""
+from . import identity, uniform  # noqa: F401

@@ -1,0 +1,82 @@
+"""Name -> method class, presets, and spec-string parsing (`kivi:bits=2,group=32,residual=128`)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from ..errors import KVLabError
+from .base import Method
+
+METHODS: dict[str, type[Method]] = {}
+PRESETS: dict[str, str] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method reachable by its `name` in spec strings."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise KVLabError(f"method name '{cls.name}' registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def preset(name: str, spec: str) -> None:
+    """Register a named preset (a paper's headline setting) that expands to a spec string."""
+    PRESETS[name] = spec
+
+
+def available() -> dict[str, list[str]]:
+    _import_methods()
+    return {"methods": sorted(METHODS), "presets": sorted(PRESETS)}
+
+
+def parse(spec: str | Method) -> Method:
+    """Build a method from a spec string or preset name; every error names the field and the fix."""
+    if isinstance(spec, Method):
+        return spec
+    _import_methods()
+    spec = spec.strip()
+    if spec in PRESETS:
+        spec = PRESETS[spec]
+    name, _, args = spec.partition(":")
+    if name not in METHODS:
+        raise KVLabError(f"unknown method '{name}' in spec '{spec}'. Methods: {', '.join(sorted(METHODS))}; "
+                         f"presets: {', '.join(sorted(PRESETS))}")
+    cls = METHODS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise KVLabError(f"{name}: expected 'field=value' in spec, got '{item}'")
+        if key not in fields:
+            raise KVLabError(f"{name}: unknown field '{key}'. Fields: {', '.join(fields)}")
+        kwargs[key] = _convert(name, key, raw.strip(), hints.get(key, str))
+    return cls(**kwargs)
+
+
+def _convert(method: str, key: str, raw: str, hint):
+    base = typing.get_origin(hint)
+    options = typing.get_args(hint) if base is typing.Union or str(base) == "<class 'types.UnionType'>" else (hint,)
+    if base is typing.Literal:
+        options = (type(typing.get_args(hint)[0]),)
+    if raw.lower() in ("none", "null") and type(None) in options:
+        return None
+    for t in options:
+        try:
+            if t is bool:
+                if raw.lower() in ("true", "1", "yes"):
+                    return True
+                if raw.lower() in ("false", "0", "no"):
+                    return False
+                continue
+            if t in (int, float, str):
+                return t(raw)
+        except ValueError:
+            continue
+    raise KVLabError(f"{method}: field '{key}' cannot take the value '{raw}' (expected {hint})")
+
+
+def _import_methods() -> None:
+    from . import methods  # noqa: F401  (registers every method module)
