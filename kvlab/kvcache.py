@@ -1,0 +1,86 @@
+"""The cache-layer interception point: a transformers cache whose layers store what a method returns.
+
+`make_cache(model, session)` builds the model's own `DynamicCache(config=...)` (so sliding-window
+layers stay sliding) and turns every layer into a subclass of its class with `KVLabLayer` mixed in.
+Each `update(k, v)` hands the new post-RoPE keys and values to the session, which quantizes,
+records or defers them; the layer itself only keeps the bookkeeping the protocols need:
+
+* `pending`  trailing tokens not yet quantized (prefill-then-decode keeps them fp16 until they
+             leave the method's residual window),
+* `keep`     a bool mask [b, kv_heads, T] of tokens not evicted (None = all kept),
+* `k_pre`, `rope`  pre-RoPE keys and their (cos, sin), for methods that quantize before RoPE,
+* `fp_keys`, `fp_values`  full-precision shadows, only for methods that re-quantize what is stored.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+
+class KVLabLayer:
+    """Mixin placed in front of a transformers cache layer class (DynamicLayer family)."""
+
+    def kvlab_init(self, session, layer_idx: int) -> None:
+        self._kvlab = session
+        self.layer_idx = layer_idx
+        self.pending = 0
+        self.keep: torch.Tensor | None = None
+        self.k_pre: torch.Tensor | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fp_keys: torch.Tensor | None = None
+        self.fp_values: torch.Tensor | None = None
+        self.n_seen = 0          # tokens ever added (sliding layers store fewer)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        session = self._kvlab
+        key_states, value_states = session.before_store(self, key_states, value_states)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new = key_states.shape[-2]
+        self.n_seen += new
+        stored = self.get_seq_length()
+        self.pending = min(self.pending + new, stored)
+        if self.keep is not None:
+            self.keep = _fit(self.keep, stored, True)
+        return session.after_store(self, keys, values, new)
+
+    @property
+    def dropped(self) -> int:
+        """Tokens a sliding-window layer has already dropped from its front."""
+        return self.n_seen - self.get_seq_length()
+
+
+def _fit(t: torch.Tensor, length: int, fill) -> torch.Tensor:
+    """Pad (with `fill`) or crop the token axis (last) of t to `length`, keeping the most recent."""
+    if t.shape[-1] >= length:
+        return t[..., t.shape[-1] - length:]
+    pad = torch.full((*t.shape[:-1], length - t.shape[-1]), fill, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=-1)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _kvlab_class(base: type) -> type:
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"KVLab{base.__name__}", (KVLabLayer, base), {})
+    return _SUBCLASSES[base]
+
+
+class KVLabCache(DynamicCache):
+    """A DynamicCache whose layers are KVLabLayer subclasses of the model's own layer types."""
+
+    def __init__(self, config, session):
+        super().__init__(config=config)
+        self.session = session
+        if not self.layers:
+            raise RuntimeError("could not build cache layers from the model config")
+        for i, layer in enumerate(self.layers):
+            # a fresh, empty layer of the kvlab subclass carrying the same settings (e.g. sliding_window)
+            ours = object.__new__(_kvlab_class(type(layer)))
+            ours.__dict__.update(layer.__dict__)
+            ours.kvlab_init(session, i)
+            self.layers[i] = ours
+
+
+def fit_token_mask(t: torch.Tensor, length: int) -> torch.Tensor:
+    return _fit(t, length, True)

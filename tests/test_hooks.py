@@ -1,0 +1,205 @@
+"""The interception core on tiny random models of every supported family."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvlab
+from kvlab import KVLabError, models
+from kvlab.hooks import apply_rope, capture, quantize
+
+FAMILIES = models.TINY_FAMILIES
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return models.tiny(request.param)
+
+
+def _ids(b=2, t=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (b, t), generator=g)
+
+
+def _kl(logits, ref):
+    return F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("protocol", ["fake", "prefill-decode"])
+def test_identity_is_bit_identical(tiny, protocol):
+    m, ids = tiny.model, _ids()
+    ref = m(ids).logits
+    with quantize(m, "fp16", protocol=protocol) as run:
+        out = m(ids)
+        assert torch.equal(out.logits, ref)
+        cont = m(_ids(2, 8, 1), past_key_values=out.past_key_values).logits
+    assert torch.equal(cont, m(_ids(2, 8, 1), past_key_values=m(ids).past_key_values).logits)
+    assert run.summary()["avg_bits"] == 16.0
+
+
+@torch.no_grad()
+def test_identity_generate_identical(tiny):
+    m, ids = tiny.model, _ids(1, 12)
+    ref = m.generate(ids, max_new_tokens=10, do_sample=False)
+    with quantize(m, "fp16", protocol="prefill-decode"):
+        out = m.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(ref, out)
+
+
+@torch.no_grad()
+def test_uniform_orders_by_bits(tiny):
+    m, ids = tiny.model, _ids()
+    ref = m(ids).logits
+    kls = {}
+    for bits in (8, 4, 2):
+        with quantize(m, f"int{bits}") as run:
+            kls[bits] = _kl(m(ids).logits, ref)
+        assert run.summary()["avg_bits"] > bits  # metadata counted
+    assert kls[8] < 1e-3
+    assert kls[8] < kls[4] < kls[2]
+
+
+@torch.no_grad()
+def test_fake_changes_prefill_prefill_decode_only_continuation(tiny):
+    m, ids = tiny.model, _ids()
+    ctx, cont = ids[:, :24], ids[:, 24:]
+    ref_ctx = m(ctx)
+    ref_cont = m(cont, past_key_values=ref_ctx.past_key_values).logits
+    with quantize(m, "int2", protocol="fake"):
+        assert not torch.equal(m(ctx).logits, ref_ctx.logits)
+    with quantize(m, "int2", protocol="prefill-decode") as run:
+        out = m(ctx)
+        assert torch.equal(out.logits, ref_ctx.logits)
+        cont_q = m(cont, past_key_values=out.past_key_values).logits
+    assert not torch.equal(cont_q, ref_cont)
+    s = run.summary()
+    # 24 context tokens stored at 2 bits + fp16 scale/zero per 16-element token, 16 continuation tokens fp16
+    assert s["avg_bits"] == pytest.approx((24 * (2 + 32 / 16) + 16 * 16) / 40)
+
+
+@torch.no_grad()
+def test_pre_rope_keys_rotate_to_post_rope_keys(tiny):
+    m, ids = tiny.model, _ids(1, 20)
+    with capture(m, what=("k_pre", "k")) as cap:
+        m(ids)
+    from kvlab.hooks import find_attention
+    sites = find_attention(m)
+    rotary = m.model.rotary_emb
+    pos = torch.arange(ids.shape[1])[None]
+    for layer, site in enumerate(sites):
+        k_pre = cap["k_pre"][layer]
+        kwargs = {}
+        if isinstance(getattr(rotary, "rope_type", None), dict):   # gemma3: local/global rope per layer type
+            kwargs["layer_type"] = m.config.layer_types[layer]
+        cos, sin = rotary(k_pre, pos, **kwargs)
+        assert torch.allclose(apply_rope(site.module, k_pre, cos, sin), cap["k"][layer], atol=1e-5)
+
+
+@torch.no_grad()
+def test_attention_received_matches_eager_output_attentions(tiny):
+    m, ids = tiny.model, _ids(2, 30)
+    orig = m.config._attn_implementation
+    m.set_attn_implementation("eager")
+    try:
+        att = m(ids, output_attentions=True).attentions
+    finally:
+        m.set_attn_implementation(orig)
+    with capture(m, what=("attn",)) as cap:
+        m(ids)
+    g = m.config.num_attention_heads // m.config.num_key_value_heads
+    for layer, a in enumerate(att):                     # a: [b, heads, q, kv]
+        expected = a.sum(2).view(a.shape[0], -1, g, a.shape[-1]).sum(2)
+        assert torch.allclose(cap["attn"][layer], expected, atol=1e-4)
+
+
+@torch.no_grad()
+def test_attention_stats_chunked_equal_unchunked():
+    from kvlab.attention import attention_received
+    q, k = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8)
+    a = attention_received(q, k, None, 0.3, 2, 5, chunk=7)
+    b = attention_received(q, k, None, 0.3, 2, 5, chunk=1000)
+    assert torch.allclose(a.received_sum, b.received_sum, atol=1e-5)
+    assert torch.allclose(a.received_max, b.received_max)
+
+
+def test_hooks_removed_after_exception():
+    lm = models.tiny("llama")
+    m = lm.model
+    n_hooks = lambda: sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())  # noqa
+    before, impl = n_hooks(), m.config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(m, what=("k_pre", "q")):
+            assert n_hooks() > before
+            assert m.config._attn_implementation != impl
+            raise RuntimeError("boom")
+    assert n_hooks() == before and m.config._attn_implementation == impl
+    assert not hasattr(m, "_kvlab_session")
+    with torch.no_grad():
+        assert type(m(_ids()).past_key_values).__name__ == "DynamicCache"
+
+
+def test_double_installation_is_an_error():
+    m = models.tiny("llama").model
+    with quantize(m, "int4"):
+        with pytest.raises(KVLabError, match="already installed"):
+            with capture(m):
+                pass
+
+
+def test_unsupported_architecture_named_at_install():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = models.tiny_config("llama")
+            self.lin = torch.nn.Linear(4, 4)
+    with pytest.raises(KVLabError, match="unsupported architecture Toy"):
+        with quantize(Toy(), "int4"):
+            pass
+
+
+@torch.no_grad()
+def test_nan_in_keys_names_layer_and_tensor():
+    m = models.tiny("llama").model
+    k_proj = m.model.layers[1].self_attn.k_proj
+    h = k_proj.register_forward_hook(lambda mod, i, o: o.masked_fill(torch.zeros_like(o, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True), float("nan")))
+    try:
+        with pytest.raises(KVLabError, match="keys of layer 1"):
+            with quantize(m, "int4"):
+                m(_ids())
+    finally:
+        h.remove()
+
+
+@torch.no_grad()
+def test_layer_report_and_capture_limits():
+    m = models.tiny("qwen2").model
+    with quantize(m, "int4") as run:
+        m(_ids())
+    rep = run.layer_report()
+    assert list(rep["layer"]) == [0, 1] and (rep["k_rel_err"] > 0).all() and (rep["k_rel_err"] < 0.2).all()
+    with capture(m, what=("k", "v"), max_tokens=10, to="cpu") as cap:
+        m(_ids())
+    assert cap["k"][0].shape == (2, 2, 10, 16) and cap["v"][1].device.type == "cpu"
+
+
+def test_bad_protocol_and_capture_names():
+    m = models.tiny("llama").model
+    with pytest.raises(KVLabError, match="protocol"):
+        with quantize(m, "int4", protocol="online"):
+            pass
+    with pytest.raises(KVLabError, match="cannot capture"):
+        with capture(m, what=("keys",)):
+            pass
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_unpadded_with_identity():
+    lm = models.tiny("llama")
+    m = lm.model
+    a = _ids(1, 20, 3)
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), a], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 20, dtype=torch.long)], dim=1)
+    ref = m.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    with quantize(m, "fp16", protocol="prefill-decode"):
+        out = m.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ref, out)
