@@ -327,6 +327,8 @@ class Session:
         return None
 
     def _new_sequence(self) -> None:
+        for key, (n, fp) in self._cache_counts().items():     # the finished sequence's cache, for good
+            self.ledger.count(*key, n, fp)
         self.stats = [None] * self.n_layers
         self.precomputed = None
         self._finite_layers: list[int] = []
@@ -349,6 +351,8 @@ class Session:
             return None
         if "k_pre" in self.capture_what:
             self._record("k_pre", layer, k)
+            if self.retain_grad:           # hand the recorded tensor back so gradients flow through it
+                return _from_heads(k, output, site)
         m = self.method
         if m is None or m.key_site != "pre_rope":
             return None
@@ -364,6 +368,10 @@ class Session:
         if self.phase == "stats":
             return k, v
         idx = layer.layer_idx
+        if "k" in self.capture_what:
+            self._record("k", idx, k)
+        if "v" in self.capture_what:
+            self._record("v", idx, v)
         self._finite.append(torch.stack([torch.isfinite(k).all(), torch.isfinite(v).all()]))
         self._finite_layers.append(idx)
         m = self.method
@@ -395,12 +403,6 @@ class Session:
         return k, v
 
     def after_store(self, layer: KVLabLayer, keys, values, new: int):
-        if self.phase == "stats":
-            return keys, values
-        if "k" in self.capture_what:
-            self._record("k", layer.layer_idx, keys[..., -new:, :])
-        if "v" in self.capture_what:
-            self._record("v", layer.layer_idx, values[..., -new:, :])
         return keys, values
 
     # -- quantization -------------------------------------------------------------------------------
@@ -578,27 +580,32 @@ class Session:
         return per_layer
 
     # -- report -------------------------------------------------------------------------------------
-    def _settle_counts(self) -> None:
-        """Prefill-decode: element counts from the cache's final state (quantized vs fp16 tokens)."""
+    def _cache_counts(self) -> dict:
+        """Prefill-decode: element counts of the current cache (quantized vs fp16 tokens) per (layer, kind)."""
+        counts = {}
         if self.protocol != "prefill-decode" or self._cache is None or self.method is None:
-            return
-        led = self.ledger
+            return counts
         for layer in self._cache.layers:
-            if not layer.is_initialized:
+            if not layer.is_initialized or layer.keys.numel() == 0:
                 continue
             b, h, T, d = layer.keys.shape
-            per_token = b * h * d
-            quantized_tokens = T - layer.pending - min(max(self.method.sink_tokens - layer.dropped, 0), T)
+            quantized = T - layer.pending - min(max(self.method.sink_tokens - layer.dropped, 0), T)
             if self.method.scope == "cache" and self.precomputed is None:
-                quantized_tokens = 0
+                quantized = 0
             for kind in "kv":
-                led.elems[(layer.layer_idx, kind)] = T * per_token
-                led.fp_elems[(layer.layer_idx, kind)] = (T - quantized_tokens) * per_token
+                counts[(layer.layer_idx, kind)] = (T * b * h * d, (T - quantized) * b * h * d)
+        return counts
 
     def layer_report(self):
         """Per-layer bits per element (metadata included) and relative error for K and V."""
-        self._settle_counts()
-        return self.ledger.table()
+        live = self._cache_counts()
+        for key, (n, fp) in live.items():
+            self.ledger.count(*key, n, fp)
+        try:
+            return self.ledger.table()
+        finally:
+            for key, (n, fp) in live.items():
+                self.ledger.count(*key, -n, -fp)
 
     def summary(self) -> dict:
         """Average bits per element for K, V and overall, packed bytes, mean relative K/V error."""

@@ -106,8 +106,10 @@ def _from_pretrained(path: str, model_id: str, name: str, device, dtype, device_
 
 
 def _from_hub(name: str, device, dtype, device_map) -> LoadedModel:
+    # huggingface_hub reads HF_HUB_OFFLINE at import: honour a later setting too, without network retries
+    kw = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE") == "1" else {}
     try:
-        return _from_pretrained(name, name, name, device, dtype, device_map)
+        return _from_pretrained(name, name, name, device, dtype, device_map, **kw)
     except OSError as exc:  # transformers raises OSError for missing repos and for no network
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower() or "offline" in str(exc).lower()
         cause = "this machine cannot reach the HF hub (offline)" if offline else "the hub or path did not provide it"

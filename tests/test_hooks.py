@@ -203,3 +203,15 @@ def test_left_padded_batch_matches_unpadded_with_identity():
     with quantize(m, "fp16", protocol="prefill-decode"):
         out = m.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(ref, out)
+
+
+def test_capture_retain_grad_gives_gradients():
+    m = models.tiny("llama").model
+    ids = _ids(1, 16)
+    with capture(m, what=("k_pre", "k", "v"), retain_grad=True) as cap:
+        out = m(ids, labels=ids)
+    out.loss.backward()
+    for what in ("k_pre", "k", "v"):
+        g = cap[what][0].grad
+        assert g is not None and g.abs().sum() > 0, what
+    m.zero_grad()

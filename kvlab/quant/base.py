@@ -87,6 +87,10 @@ class Method:
     # progressive methods (PM-KVQ): at every flush the core hands over the *whole* quantized
     # region (already-stored dequantized tokens + the new chunk) and replaces it and its bits.
     rewrites_stored: ClassVar[bool] = False
+    # methods fitted on calibration data implement `calibrate(model, input_ids)` (may be a property)
+    needs_calibration: ClassVar[bool] = False
+    # fields shown in the spec string even at their default (readability: "int:bits=4", not "int")
+    spec_always: ClassVar[tuple[str, ...]] = ("bits",)
 
     # --- the per-tensor rule (scope == "layer") -----------------------------------------------
     def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
@@ -127,7 +131,7 @@ class Method:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.default is not dataclasses.MISSING and v == f.default:
+            if f.default is not dataclasses.MISSING and v == f.default and f.name not in self.spec_always:
                 continue
             parts.append(f"{f.name}={_fmt(v)}")
         return self.name + (":" + ",".join(parts) if parts else "")

@@ -7,6 +7,8 @@ along tokens (per-channel quantization, KIVI/KVQuant keys). `group=None` makes t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import KVLabError
@@ -95,3 +97,376 @@ def quantize_uniform(x: torch.Tensor, bits, *, dim: int = -1, group: int | None 
 def fp16_bits(x: torch.Tensor) -> torch.Tensor:
     """Bits to store x at 16 bits per element (sink and residual tokens)."""
     return torch.tensor(16.0 * x.numel(), device=x.device)
+
+
+# =============================================================================================
+# Grouping levels beyond per-token / per-channel
+# =============================================================================================
+LEVELS = ("token", "channel", "head", "layer")
+OUTLIER_VALUE_BITS = 16   # an outlier's value, fp16 (KVQuant's sparse matrix values)
+OUTLIER_INDEX_BITS = 32   # its position, int32 (KVQuant's CSR/CSC column index)
+
+
+def _level_flat(x: torch.Tensor, level: str | None, dim: int):
+    """View `x` so that one group-axis `d` covers the requested level; returns (x2, d, restore).
+
+    token:   groups along head_dim (d=-1), one row per [b, head, token]
+    channel: groups along tokens (d=-2), one row per [b, head, channel]
+    head:    tokens x head_dim of one [b, head] flattened into one row (d=-1)
+    layer:   the whole tensor flattened into one row (d=-1)
+    None:    plain axis `dim` (the convention of `quantize_uniform`).
+    """
+    if level is None:
+        return x, dim, (lambda y: y)
+    if level == "token":
+        return x, -1, (lambda y: y)
+    if level == "channel":
+        return x, -2, (lambda y: y)
+    shape = x.shape
+    if level == "head":
+        if x.dim() < 2:
+            raise KVLabError(f"level='head' needs a tensor with at least 2 dims, got shape {tuple(shape)}")
+        return x.reshape(*shape[:-2], shape[-2] * shape[-1]), -1, (lambda y: y.reshape(shape))
+    if level == "layer":
+        return x.reshape(1, -1), -1, (lambda y: y.reshape(shape))
+    raise KVLabError(f"level must be one of {list(LEVELS)}, got {level!r}")
+
+
+def _groups(x: torch.Tensor, dim: int = -1, group: int | None = None, level: str | None = None):
+    """Grouped layout used by every primitive below.
+
+    Returns (xg [..., n_groups, g], valid [n_groups, g] bool (False on padding), restore) where
+    `restore(yg)` maps a tensor in the grouped layout back to x's shape.
+    """
+    x2, d, undo = _level_flat(x, level, dim)
+    xg, n = _grouped(x2, d, group)
+    g = xg.shape[-1]
+    valid = (torch.arange(xg.shape[-2] * g, device=x.device) < n).reshape(xg.shape[-2], g)
+
+    def restore(yg: torch.Tensor) -> torch.Tensor:
+        return undo(_ungrouped(yg, d, n))
+
+    return xg, valid, restore
+
+
+def _masked_mean_std(xg: torch.Tensor, keep: torch.Tensor):
+    """Mean and (population) std over the last axis of `xg`, counting only `keep` elements."""
+    w = keep.to(xg.dtype)
+    cnt = w.sum(-1, keepdim=True).clamp_min(1.0)
+    mu = (xg * w).sum(-1, keepdim=True) / cnt
+    var = (((xg - mu) * w) ** 2).sum(-1, keepdim=True) / cnt
+    return mu, var.sqrt()
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to what an fp16 field stores (scales, offsets, codebooks)."""
+    return t.half().float()
+
+
+def quantize_grouped(x: torch.Tensor, bits, level: str = "token", group: int | None = None, *,
+                     symmetric: bool = False, center: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_uniform` at a grouping level: "token" | "channel" | "head" | "layer".
+
+    token/channel are `quantize_uniform(dim=-1 / -2)`; "head" makes one group per [b, head] over
+    tokens x head_dim and "layer" one group for the whole tensor (QAQ's quantization levels,
+    Dong et al. 2024, Sec. 4); `group` then splits that flattened row into groups of `group`.
+    `bits` is an int, or a tensor with one entry per row of the level ([b, h, T, 1] for token,
+    [b, h, 1, D] for channel, [b, h, 1, 1] for head, 0-d for layer). Same bit accounting as
+    `quantize_uniform` (b per element + fp16 scale (+ zero) per group).
+    """
+    x2, d, undo = _level_flat(x, level, -1)
+    if torch.is_tensor(bits) and bits.dim() and level in ("head", "layer"):
+        bits = bits.reshape(*x2.shape[:-1], 1) if level == "head" else bits.reshape(())
+    xh, total = quantize_uniform(x2, bits, dim=d, group=group, symmetric=symmetric, center=center)
+    return undo(xh), total
+
+
+# =============================================================================================
+# Normal-quantile codebook (QAQ "normal" method; NF-style)
+# =============================================================================================
+def normal_levels(bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels and bucket edges of the b-bit N(0, 1) quantile codebook.
+
+    With n = 2^b equal-probability buckets, bucket i spans Phi^-1(i/n) .. Phi^-1((i+1)/n) and is
+    represented by its median level_i = Phi^-1((i + 0.5) / n)  (QAQ, Dong et al. 2024, Sec. 4
+    "normal" method; the authors' `normal_quantiles_center` / `_upper_bound`).
+    Returns (levels [n], inner edges [n-1] = Phi^-1(i/n), i = 1..n-1).
+    """
+    n = 2 ** int(bits)
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    levels = torch.special.ndtri((i + 0.5) / n)
+    edges = torch.special.ndtri(i[1:] / n)
+    return levels.float(), edges.float()
+
+
+def quantize_normal(x: torch.Tensor, bits: int, *, dim: int = -1, group: int | None = None,
+                    level: str | None = None, exclude: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal-quantile quantization: x -> mu + sigma * level_i, i = bucket of (x - mu) / sigma.
+
+    Per group, mu and sigma (population std) are computed over the elements not in `exclude`
+    (outliers: QAQ's statistics exclude them) and stored as fp16; the bucket edges are the N(0,1)
+    quantiles i/2^b and each bucket dequantizes to its median (see `normal_levels`).
+    Bits: b per element + 2 fp16 (mu, sigma) per group. Excluded elements are still encoded
+    (callers put the outliers back with `merge_outliers` and count them with `outlier_bits`).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise KVLabError(f"quantize_normal: bits must be an integer in [1, 16], got {bits!r}")
+    xg, valid, restore = _groups(x, dim, group, level)
+    xf = xg.float()
+    keep = valid if exclude is None else (valid & ~_groups(exclude, dim, group, level)[0])
+    mu, sd = _masked_mean_std(xf, keep)
+    mu, sd = _fp16(mu), _fp16(sd).clamp_min(1e-8)
+    levels, edges = normal_levels(bits, x.device)
+    idx = torch.bucketize(((xf - mu) / sd).contiguous(), edges)
+    xh = mu + sd * levels[idx]
+    n_groups = xg.shape[:-1].numel()
+    total = torch.tensor(float(bits) * x.numel() + n_groups * (SCALE_BITS + ZERO_BITS), device=x.device)
+    return restore(xh).to(x.dtype), total
+
+
+# =============================================================================================
+# Non-uniform codebooks (KVQuant NUQ: sensitivity-weighted k-means)
+# =============================================================================================
+def kmeans_1d(values: torch.Tensor, k: int, weights: torch.Tensor | None = None, iters: int = 50,
+              tol: float = 1e-7) -> torch.Tensor:
+    """Weighted 1-D k-means (Lloyd) on the last axis; returns sorted centroids [..., k].
+
+    Minimises sum_i w_i (v_i - c_{a(i)})^2. Deterministic init at the (weighted) quantiles
+    (j + 0.5) / k of the sample; in 1-D the assignment step is a bucketize on the midpoints of
+    the sorted centroids, the update c_j = sum_{a(i)=j} w_i v_i / sum_{a(i)=j} w_i (an empty
+    cluster keeps its centroid). Leading axes are independent problems (e.g. one per layer).
+    """
+    if k < 1:
+        raise KVLabError(f"kmeans_1d: k must be >= 1, got {k}")
+    v = values.float()
+    w = torch.ones_like(v) if weights is None else weights.float().expand_as(v)
+    lead = v.shape[:-1]
+    v2, w2 = v.reshape(-1, v.shape[-1]), w.reshape(-1, v.shape[-1])
+    # deterministic init: weighted quantiles of the sorted sample
+    vs, order = v2.sort(-1)
+    ws = w2.gather(-1, order)
+    cw = ws.cumsum(-1)
+    tot = cw[:, -1:].clamp_min(1e-30)
+    targets = (torch.arange(k, device=v.device, dtype=torch.float32) + 0.5) / k * tot
+    pos = torch.searchsorted(cw.contiguous(), targets.contiguous()).clamp_max(v2.shape[-1] - 1)
+    c = vs.gather(-1, pos)
+    for _ in range(int(iters)):
+        mids = (c[:, 1:] + c[:, :-1]) / 2
+        a = torch.searchsorted(mids.contiguous(), v2.contiguous())
+        sw = torch.zeros_like(c).scatter_add_(-1, a, w2)
+        swv = torch.zeros_like(c).scatter_add_(-1, a, w2 * v2)
+        new = torch.where(sw > 0, swv / sw.clamp_min(1e-30), c).sort(-1).values
+        done = (new - c).abs().max() <= tol * (1.0 + c.abs().max())
+        c = new
+        if bool(done):       # calibration only: one sync per iteration is fine
+            break
+    return c.reshape(*lead, k)
+
+
+def kmeans_codebook(values: torch.Tensor, bits: int, weights: torch.Tensor | None = None,
+                    iters: int = 50) -> torch.Tensor:
+    """KVQuant's NUQ datatype: 2^b centroids of a (sensitivity-)weighted k-means, fp16-rounded.
+
+    Hooper et al. 2024, Sec. 3.4 "nuqX": the datapoint weights are the Fisher information
+    (squared gradients dL/dA of the activations) so that sensitive values pull the centroids
+    (`weights=None` is plain k-means). `values` are the *normalised* activations of one layer
+    (see `quantize_to_codebook`); leading axes give one codebook each. Returns [..., 2^b] sorted.
+    """
+    return _fp16(kmeans_1d(values, 2 ** int(bits), weights, iters)).sort(-1).values
+
+
+def uniform_codebook(bits: int, device=None) -> torch.Tensor:
+    """The 2^b evenly spaced levels in [-1, 1]: with min-max normalisation this is plain asymmetric int-b."""
+    return torch.linspace(-1.0, 1.0, 2 ** int(bits), device=device)
+
+
+def round_to_codebook(z: torch.Tensor, codebook: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest entry of a sorted 1-D codebook for every element of z (values outside clamp to the ends).
+
+    `levels` (same length) replaces the reconstruction value of each entry while the decision
+    boundaries stay the codebook's midpoints (Q-Norm corrected levels, KVQuant App. "Q-Norm").
+    """
+    cb = codebook.to(device=z.device, dtype=torch.float32)
+    mids = ((cb[1:] + cb[:-1]) / 2).contiguous()
+    out = cb if levels is None else levels.to(device=z.device, dtype=torch.float32)
+    return out[torch.bucketize(z.float().contiguous(), mids)]
+
+
+def codebook_bits(codebook: torch.Tensor) -> torch.Tensor:
+    """Bits to store a codebook: 16 per entry (fp16). Count it once per layer (KVQuant per-layer LUT)."""
+    return torch.tensor(16.0 * codebook.numel(), device=codebook.device)
+
+
+def quantize_to_codebook(x: torch.Tensor, codebook: torch.Tensor, *, dim: int = -1, group: int | None = None,
+                         level: str | None = None, offset: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
+                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-uniform quantization with per-group normalisation (KVQuant, Hooper et al. 2024, Sec. 3.4).
+
+    z = (x - offset) / scale with offset = (max + min) / 2 and scale = (max - min) / 2 of each
+    group (over the elements not in `exclude`), so z lies in [-1, 1]; every z is rounded to its
+    nearest codebook entry c and x_hat = c * scale + offset. Given `offset`/`scale` (broadcastable
+    to x, e.g. KVQuant's offline per-channel key ranges) they are used instead and cost no bits
+    here (the caller counts them once). Bits: log2(len(codebook)) per element + 2 fp16 (offset,
+    scale) per group when computed online. The codebook itself is not counted: see `codebook_bits`.
+    `levels`: reconstruction values replacing the codebook's (see `round_to_codebook`).
+    """
+    k = codebook.numel()
+    code = float(math.ceil(math.log2(k))) if k > 1 else 0.0
+    meta = torch.zeros((), device=x.device)
+    if offset is None and scale is None:
+        offset, scale, n_groups = group_minmax(x, dim=dim, group=group, level=level, exclude=exclude)
+        meta = meta + n_groups * (SCALE_BITS + ZERO_BITS)
+    elif offset is None or scale is None:
+        raise KVLabError("quantize_to_codebook: give both offset and scale, or neither")
+    off, scl = _fp16(offset.float()), _fp16(scale.float()).clamp_min(1e-8)
+    xh = round_to_codebook((x.float() - off) / scl, codebook, levels) * scl + off
+    return xh.to(x.dtype), meta + code * x.numel()
+
+
+def group_minmax(x: torch.Tensor, *, dim: int = -1, group: int | None = None, level: str | None = None,
+                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """KVQuant's per-group normalisation: offset = (max + min) / 2, scale = (max - min) / 2 over the
+    elements not in `exclude`, so (x - offset) / scale lies in [-1, 1]. Both fp16-rounded and
+    expanded to x's shape; also returns the number of groups (2 fp16 numbers are stored per group).
+    """
+    xg, valid, restore = _groups(x, dim, group, level)
+    xf = xg.float()
+    keep = valid if exclude is None else (valid & ~_groups(exclude, dim, group, level)[0])
+    big = torch.finfo(torch.float32).max
+    mx = torch.where(keep, xf, torch.full_like(xf, -big)).amax(-1, keepdim=True)
+    mn = torch.where(keep, xf, torch.full_like(xf, big)).amin(-1, keepdim=True)
+    empty = ~keep.any(-1, keepdim=True)
+    mx = torch.where(empty, xf.amax(-1, keepdim=True), mx)
+    mn = torch.where(empty, xf.amin(-1, keepdim=True), mn)
+    off = _fp16((mx + mn) / 2)
+    scl = _fp16((mx - mn) / 2).clamp_min(1e-8)
+    return restore(off.expand_as(xf)), restore(scl.expand_as(xf)), xg.shape[:-1].numel()
+
+
+# =============================================================================================
+# Dense-and-sparse outlier split
+# =============================================================================================
+def _rank(t: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Rank of every element along the last axis (0 = first in the order), ties broken by position."""
+    order = t.argsort(dim=-1, descending=descending, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(t.shape[-1], device=t.device).expand_as(order))
+
+
+def split_outliers(x: torch.Tensor, ratio: float, *, dim: int = -1, group: int | None = None,
+                   level: str | None = None, mode: str = "magnitude") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense-and-sparse split per vector/group: returns (dense, outlier mask).
+
+    mode="magnitude" (KVQuant's per-vector dense-and-sparse, Hooper et al. 2024, Sec. 3.5): the
+      k = ceil(ratio * n) elements of largest |x| of each group of n elements are outliers.
+    mode="sides" (QAQ, Dong et al. 2024, Sec. 4.3; also KVQuant's online per-token thresholds at
+      the ratio/2 and 1 - ratio/2 percentiles): the ceil(ratio/2 * n) smallest and the
+      ceil(ratio/2 * n) largest values of each group are outliers.
+    Counts are capped so that at least one element stays dense (ties are broken by position, so
+    the counts are exact). `dense` equals x with every outlier replaced by the mean of its group's
+    dense elements: min, max and mean of each group are then those of the dense part alone, so a
+    quantizer run on `dense` (same grouping) gets statistics that exclude the outliers.
+    Outliers are stored at fp16 + an int32 index: `outlier_bits(mask)`; put them back with
+    `merge_outliers(x_hat, x, mask)`.
+    """
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise KVLabError(f"split_outliers: ratio must be a number in [0, 1), got {ratio!r}")
+    if mode not in ("magnitude", "sides"):
+        raise KVLabError(f"split_outliers: mode must be 'magnitude' or 'sides', got {mode!r}")
+    if ratio == 0.0:
+        return x, torch.zeros_like(x, dtype=torch.bool)
+    xg, valid, restore = _groups(x, dim, group, level)
+    xf = xg.float()
+    n = valid.sum(-1, keepdim=True).float()                  # [G, 1] real size of each group
+    eps = 1e-9
+    if mode == "magnitude":
+        k = torch.minimum(torch.ceil(ratio * n - eps), n - 1)
+        score = torch.where(valid, xf.abs(), torch.full_like(xf, -1.0))
+        mask = _rank(score, descending=True) < k
+    else:
+        k = torch.minimum(torch.ceil(ratio / 2 * n - eps), torch.floor((n - 1) / 2))
+        inf = torch.full_like(xf, float("inf"))
+        low = _rank(torch.where(valid, xf, inf), descending=False) < k
+        high = _rank(torch.where(valid, xf, -inf), descending=True) < k
+        mask = low | high
+    mask = mask & valid
+    mu, _ = _masked_mean_std(xf, valid & ~mask)
+    dense = torch.where(mask, mu.expand_as(xf), xf)
+    return restore(dense).to(x.dtype), restore(mask)
+
+
+def split_outliers_threshold(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outliers = values outside [lower, upper] (broadcastable thresholds, e.g. KVQuant's offline
+    per-channel key thresholds from calibration). Returns (dense, mask); dense replaces each
+    outlier by the midpoint (lower + upper) / 2, which lies inside the range."""
+    mask = (x < lower) | (x > upper)
+    mid = ((lower + upper) / 2).to(x.dtype)
+    return torch.where(mask, mid.expand_as(x), x), mask
+
+
+def merge_outliers(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Put the full-precision outliers back: x where mask else x_hat (fp16-rounded, as stored)."""
+    if mask is None:
+        return x_hat
+    return torch.where(mask, x.half().to(x.dtype), x_hat)
+
+
+def outlier_bits(mask: torch.Tensor | None) -> torch.Tensor:
+    """Bits of the sparse part: (16-bit value + 32-bit index) per outlier (KVQuant's CSR layout)."""
+    if mask is None:
+        return torch.zeros((), dtype=torch.float32)
+    return mask.sum().float() * (OUTLIER_VALUE_BITS + OUTLIER_INDEX_BITS)
+
+
+# =============================================================================================
+# Q-Norm (KVQuant)
+# =============================================================================================
+def qnorm_params(x_hat: torch.Tensor, x: torch.Tensor, *, dim: int = -1, group: int | None = None,
+                 level: str | None = None, exclude: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The affine map a * x_hat + c that gives x_hat the mean and std of x, per group.
+
+    a = sigma(x) / sigma(x_hat) (1 where sigma(x_hat) = 0), c = mu(x) - a * mu(x_hat), both fp16;
+    statistics over the elements not in `exclude`. Returns (a, c, keep) in the grouped layout
+    [..., n_groups, 1] (for level="layer": [1, 1, 1], i.e. two scalars).
+    """
+    hg, valid, _ = _groups(x_hat, dim, group, level)
+    xg = _groups(x, dim, group, level)[0]
+    keep = valid if exclude is None else (valid & ~_groups(exclude, dim, group, level)[0])
+    mu_x, sd_x = _masked_mean_std(xg.float(), keep)
+    mu_h, sd_h = _masked_mean_std(hg.float(), keep)
+    a = torch.where(sd_h > 0, sd_x / sd_h.clamp_min(1e-30), torch.ones_like(sd_h))
+    a = _fp16(a)
+    c = _fp16(mu_x - a * mu_h)
+    return a, c, keep
+
+
+def qnorm(x_hat: torch.Tensor, x: torch.Tensor, *, dim: int = -1, group: int | None = None,
+          level: str | None = None, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q-Norm (Hooper et al. 2024, KVQuant Sec. 3.6 / App. "Q-Norm"): after dequantization, match
+    each group's mean and standard deviation to the pre-quantization ones,
+        x_qn = (x_hat - mu(x_hat)) * sigma(x) / sigma(x_hat) + mu(x)  =  a * x_hat + c,
+    removing the distribution shift low-bit quantization causes. Elements in `exclude` (outliers
+    kept exact) are left untouched and excluded from the statistics.
+    Bits: 2 fp16 numbers (a, c) per group. KVQuant's own code fits (a, c) once per layer at
+    calibration (on its codebook); `kvlab.quant.methods.kvquant` does that, this is the online form.
+    """
+    a, c, keep = qnorm_params(x_hat, x, dim=dim, group=group, level=level, exclude=exclude)
+    hg, _, restore = _groups(x_hat, dim, group, level)
+    out = torch.where(keep, a * hg.float() + c, hg.float())
+    n_groups = hg.shape[:-1].numel()
+    return restore(out).to(x_hat.dtype), torch.tensor(float(n_groups * (SCALE_BITS + ZERO_BITS)), device=x.device)
+
+
+def quantile_along(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
+    """The q-quantile of x along `dim` with linear interpolation (numpy's default), without
+    `torch.quantile`'s input-size limit. q=0 / q=1 are the min / max."""
+    xs = x.float().sort(dim).values
+    n = x.shape[dim]
+    pos = q * (n - 1)
+    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+    frac = pos - lo
+    a, b = xs.select(dim, lo), xs.select(dim, hi)
+    return a + (b - a) * frac

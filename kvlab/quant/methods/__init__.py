@@ -1,2 +1,2 @@
 """One file per method; importing this package registers them all (see `kvlab.quant.registry`)."""
-from . import identity, uniform  # noqa: F401
+from . import identity, kivi, kvquant, uniform  # noqa: F401

@@ -27,7 +27,8 @@ class Uniform(Method):
     v_bits: int | None = None           # default: same as bits
     k_axis: str = "token"
     v_axis: str = "token"
-    group: int | None = None            # group size along the grouped axis; None = whole axis
+    group: int | None = None            # group size along the grouped axis (tokens for per-channel, head_dim
+                                        # for per-token, whole vector when group >= head_dim); None = whole axis
     symmetric: bool = False
     sink: int = 0
     residual: int = 0
@@ -53,7 +54,7 @@ class Uniform(Method):
         axis = self.k_axis if ctx.kind == "k" else self.v_axis
         bits = self.bits if ctx.kind == "k" or self.v_bits is None else self.v_bits
         group = self.group
-        if axis == "token" and group is not None and x.shape[-1] % group:
+        if axis == "token" and group is not None and group < x.shape[-1] and x.shape[-1] % group:
             from ...errors import KVLabError
             raise KVLabError(f"int: group={group} does not divide head_dim={x.shape[-1]}; use a divisor of {x.shape[-1]}")
         xh, total = quantize_uniform(x, bits, dim=-1 if axis == "token" else -2, group=group,

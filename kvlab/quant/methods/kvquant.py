@@ -1,0 +1,322 @@
+"""KVQuant: per-channel pre-RoPE keys, non-uniform datatypes, dense-and-sparse outliers, Q-Norm.
+
+Hooper et al. 2024, "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache
+Quantization" (NeurIPS 2024). What this module implements, by section of the paper:
+
+* Sec. 3.1 per-channel key quantization, values per token. As in the paper (which quantizes the
+  k_proj / v_proj outputs), a value "token" is the whole vector of the layer's KV heads
+  (kv_heads * head_dim numbers share one range and one outlier budget); a key channel is one
+  (head, dim) pair.
+* Sec. 3.2 pre-RoPE keys: `key_site = "pre_rope"`, the core hands keys before the rotary embedding.
+* Sec. 3.3 offline calibration of the key ranges (`k_scale="calib"`, the paper's choice): for every
+  layer, KV head and channel, thresholds lo/hi = the rho/2 and 1 - rho/2 percentiles of the
+  calibration keys (rho = `outliers`; min/max when rho = 0). Keys are normalised with these fixed
+  numbers, z = (k - (hi + lo)/2) / ((hi - lo)/2), so a key can be quantized the moment it arrives
+  (`token_group` 1). Values use online per-token ranges (their outliers vary per token).
+  `k_scale="online"` instead takes per-channel min/max over groups of `group` tokens (KIVI-like,
+  no calibration needed for int; `token_group = group`).
+* Sec. 3.4 nuqX: a per-layer non-uniform datatype, 2^b centroids of a k-means on the normalised
+  calibration activations, weighted by the Fisher information (squared gradients dL/dA) when
+  `fisher=True` (plain k-means otherwise); `nuq=False` uses 2^b evenly spaced levels in [-1, 1]
+  (= asymmetric min-max int-b). Sensitivity weights are taken in the normalised domain,
+  (dL/dA * scale)^2, which is the Fisher information of z = (A - offset) / scale.
+* Sec. 3.5 per-vector dense-and-sparse: keys whose value falls outside their channel's calibrated
+  [lo, hi] (rho of the calibration values per channel), and per value vector the ceil(rho/2 * D)
+  smallest and largest entries, D = kv_heads * head_dim (online, the rho/2 and 1 - rho/2
+  percentiles), are kept in fp16 with an int32 index each; the dense part's range excludes them.
+  (`k_scale="online"`: per key channel group, the same smallest/largest rule.)
+* Q-Norm (App. "Q-Norm"): match the mean and std of the dequantized normalised activations to the
+  pre-quantization ones. As in the authors' code this is fitted once per layer at calibration:
+  values are still assigned to the nearest codebook entry c_i but reconstructed as a * c_i + b
+  (2 fp16 numbers per layer; `kvlab.quant.primitives.qnorm` is the online, per-group form).
+* Attention-sink awareness (App. "attention sink"): the first `sink` tokens stay fp16 (kept and
+  accounted by the core).
+
+Bits: b per element + outliers (16 + 32 each) + 2 fp16 (offset, scale) per value token (and per
+key channel group with `k_scale="online"`) + once per layer (on the layer's first chunk, i.e.
+`ctx.start <= sink`): the 2^b fp16 codebook (`nuq`), Q-Norm's 2 fp16 (`qnorm`) and 2 fp16
+thresholds per key channel and head (`k_scale="calib"`).
+LLaMA-7B Wikitext-2 ppl (paper Table 1): fp16 5.68; int4 5.98, nuq4 5.72, nuq4-1% 5.69;
+int3 10.87, nuq3 5.87, nuq3-1% 5.75; int2 11779, nuq2 7.23, nuq2-1% 6.01.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import KVLabError
+from ..base import LayerContext, Method, Quantized, check_choice, check_range
+from ..primitives import (SCALE_BITS, ZERO_BITS, group_minmax, kmeans_codebook, outlier_bits,
+                          quantile_along, quantize_to_codebook, round_to_codebook, split_outliers,
+                          uniform_codebook)
+from ..registry import preset, register
+
+K_SCALES = ("calib", "online")
+CALIB_VERSION = 1
+MAX_KMEANS_POINTS = 1 << 20   # k-means on a fixed random subsample of at most this many values per layer
+
+
+@register
+@dataclass(frozen=True)
+class KVQuant(Method):
+    """KVQuant: pre-RoPE per-channel keys, per-token values, `bits`-bit NUQ (or int) datatype,
+    `outliers` fraction kept fp16 (dense-and-sparse), optional Q-Norm, `sink` fp16 first tokens."""
+
+    name = "kvquant"
+    key_site = "pre_rope"
+    bits: int = 4
+    nuq: bool = True
+    fisher: bool = True
+    outliers: float = 0.0
+    qnorm: bool = False
+    sink: int = 1
+    k_scale: str = "calib"
+    group: int | None = None          # k_scale="online" only: tokens per key channel group
+
+    # ------------------------------------------------------------------ config
+    def validate(self) -> None:
+        super().validate()
+        check_range(self.name, "bits", self.bits, 1, 8, integer=True)
+        for f in ("nuq", "fisher", "qnorm"):
+            check_choice(self.name, f, getattr(self, f), (True, False))
+        check_range(self.name, "outliers", self.outliers, 0.0, 1.0, hi_open=True)
+        check_choice(self.name, "k_scale", self.k_scale, K_SCALES)
+        if self.group is not None:
+            check_range(self.name, "group", self.group, 1, 1 << 20, integer=True)
+            if self.k_scale != "online":
+                raise KVLabError(f"{self.name}: 'group' only applies with k_scale=online "
+                                 f"(calibrated key ranges need no token groups); drop it or set k_scale=online")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.nuq or self.qnorm or self.k_scale == "calib"
+
+    @property
+    def token_group(self) -> int:
+        return (self.group or 1) if self.k_scale == "online" else 1
+
+    # ------------------------------------------------------------------ normalisation
+    def _normalise(self, x: torch.Tensor, kind: str, lo=None, hi=None):
+        """Returns (offset, scale, outlier mask or None, online metadata bits) for x (KVQuant Sec. 3.3/3.5).
+
+        offset/scale broadcast to x; (x - offset) / scale lies in [-1, 1] except at outliers
+        (which dense-and-sparse keeps exact) or, without outliers, at calibrated-range clipping.
+        """
+        rho = float(self.outliers)
+        if kind == "k" and self.k_scale == "calib":
+            lo = lo.to(device=x.device, dtype=torch.float32)
+            hi = hi.to(device=x.device, dtype=torch.float32)
+            off, scl = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-8)
+            mask = ((x < lo) | (x > hi)) if rho > 0 else None
+            return off, scl, mask, torch.zeros((), device=x.device)
+        if kind == "k":       # online per-channel ranges over groups of `group` tokens
+            xs, kw, back = x, dict(dim=-2, group=self.group), (lambda t: t)
+        else:                 # per token over all KV heads of the layer (the v_proj output vector)
+            xs, kw, back = x.transpose(1, 2), dict(level="head"), (lambda t: t.transpose(1, 2))
+        if rho > 0:
+            dense, mask = split_outliers(xs, rho, mode="sides", **kw)
+        else:
+            dense, mask = xs, None
+        off, scl, n_groups = group_minmax(dense, **kw)
+        meta = torch.tensor(float(n_groups * (SCALE_BITS + ZERO_BITS)), device=x.device)
+        return back(off), back(scl), (None if mask is None else back(mask)), meta
+
+    # ------------------------------------------------------------------ calibration
+    def _calibration(self, device: torch.device) -> dict:
+        calib = getattr(self, "_calib", None)
+        if calib is None:
+            raise KVLabError(f"{self.spec}: this configuration needs calibration; call "
+                             f"method.calibrate(model, input_ids) first (kvlab.evaluate does it), "
+                             f"or use nuq=false,k_scale=online for a calibration-free variant")
+        per_dev = self.__dict__.get("_calib_dev")
+        if per_dev is None:
+            per_dev = {}
+            object.__setattr__(self, "_calib_dev", per_dev)
+        if device not in per_dev:
+            per_dev[device] = {k: v.to(device) for k, v in calib.items()}
+        return per_dev[device]
+
+    def calibration_key(self) -> dict:
+        """The fields that change calibration results (sink does not)."""
+        return {"method": self.name, "version": CALIB_VERSION,
+                **{f: getattr(self, f) for f in ("bits", "nuq", "fisher", "outliers", "qnorm", "k_scale", "group")}}
+
+    def calibrate(self, model, input_ids) -> None:
+        """Learn per-layer key ranges, codebooks and Q-Norm from `input_ids` (cached on disk).
+
+        `model` is a `LoadedModel` or the HF module; `input_ids` is [n, T] (or [T]). Runs the model
+        once per row (with a backward pass when `fisher` and `nuq`) and stores the result with
+        `kvlab.quant.calibration.cached`, keyed by the model, the ids and `calibration_key()`.
+        """
+        from ..calibration import cached, model_fingerprint, tensor_digest
+
+        if not self.needs_calibration:
+            self.set_calibration({})
+            return
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        key = {"model": model_fingerprint(model), "input_ids": tensor_digest(ids), **self.calibration_key()}
+        self.set_calibration(cached("kvquant", key, lambda: self._compute_calibration(model, ids)))
+
+    def set_calibration(self, calib: dict[str, torch.Tensor]) -> None:
+        """Install calibration tensors (from `fit` or the cache) on this instance."""
+        object.__setattr__(self, "_calib", dict(calib))
+        object.__setattr__(self, "_calib_dev", {})
+
+    def _compute_calibration(self, model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        keys, values, kgrads, vgrads = _capture_kv(model, ids, grads=self.nuq and self.fisher)
+        return self.fit(keys, values, kgrads, vgrads)
+
+    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+            kgrads: list[torch.Tensor] | None = None, vgrads: list[torch.Tensor] | None = None
+            ) -> dict[str, torch.Tensor]:
+        """Calibration from captured tensors: per layer `keys[l]` (pre-RoPE) and `values[l]`,
+        [n, kv_heads, T, head_dim], with optional gradients dL/dK, dL/dV of the same shapes.
+        Returns (and does not install) {"k_cb", "v_cb": [L, 2^b] codebooks in the normalised
+        domain, "k_lo", "k_hi": [L, H, D] key thresholds (k_scale=calib), "k_qn", "v_qn": [L, 2]
+        Q-Norm (a, b) (qnorm)}; install with `set_calibration`."""
+        if self.nuq and self.fisher and (kgrads is None or vgrads is None):
+            raise KVLabError(f"{self.spec}: fisher=true needs the gradients dL/dK and dL/dV")
+        rho = float(self.outliers)
+        out: dict[str, list[torch.Tensor]] = {"k_cb": [], "v_cb": [], "k_lo": [], "k_hi": []}
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            k, v = k.float(), v.float()
+            lo = hi = None
+            if self.k_scale == "calib":
+                flat = k.permute(1, 3, 0, 2).reshape(k.shape[1], k.shape[3], -1)   # [H, D, n*T]
+                lo = quantile_along(flat, rho / 2, -1).half().float()
+                hi = quantile_along(flat, 1 - rho / 2, -1).half().float()
+                out["k_lo"].append(lo)
+                out["k_hi"].append(hi)
+                lo, hi = lo[None, :, None, :], hi[None, :, None, :]
+            for kind, x, g in (("k", k, kgrads), ("v", v, vgrads)):
+                off, scl, mask, _ = self._normalise(x, kind, lo, hi)
+                z = (x - off) / scl
+                keep = torch.ones_like(z, dtype=torch.bool) if mask is None else ~mask
+                w = None
+                if self.nuq and self.fisher:
+                    w = (g[layer].float().to(z.device) * scl) ** 2
+                cb, qn = self._layer_codebook(z, keep, w, seed=2 * layer + (kind == "v"))
+                out[f"{kind}_cb"].append(cb)
+                if qn is not None:
+                    out.setdefault(f"{kind}_qn", []).append(qn)
+        return {name: torch.stack(ts) for name, ts in out.items() if ts}
+
+    def _layer_codebook(self, z: torch.Tensor, keep: torch.Tensor, w: torch.Tensor | None, seed: int) -> torch.Tensor:
+        zs = z[keep]
+        ws = None if w is None else w[keep]
+        if zs.numel() > MAX_KMEANS_POINTS:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            idx = torch.randperm(zs.numel(), generator=gen)[:MAX_KMEANS_POINTS].to(zs.device)
+            zs = zs[idx]
+            ws = None if ws is None else ws[idx]
+        if self.nuq:
+            if ws is not None and not bool((ws > 0).any()):
+                ws = None     # no gradient signal (e.g. a layer the loss does not reach): plain k-means
+            cb = kmeans_codebook(zs, self.bits, ws)
+        else:
+            cb = uniform_codebook(self.bits, zs.device)
+        qn = None
+        if self.qnorm:
+            # Q-Norm: reconstruct with a * c_i + b so the layer's dequantized normalised values have
+            # the mean/std of the originals; decisions keep the codebook's midpoints (App. Q-Norm)
+            zh = round_to_codebook(zs, cb)
+            a = zs.std(unbiased=False) / zh.std(unbiased=False).clamp_min(1e-12)
+            b = zs.mean() - a * zh.mean()
+            qn = torch.stack([a, b]).half().float().cpu()
+        return cb.cpu(), qn
+
+    # ------------------------------------------------------------------ quantization
+    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+        cal = self._calibration(x.device) if self.needs_calibration else {}
+        layer = ctx.layer
+        lo = hi = None
+        if ctx.kind == "k" and self.k_scale == "calib":
+            lo, hi = cal["k_lo"][layer][None, :, None, :], cal["k_hi"][layer][None, :, None, :]
+            if lo.shape[1] != x.shape[1] or lo.shape[-1] != x.shape[-1]:
+                raise KVLabError(f"{self.name}: calibration has {lo.shape[1]} heads x {lo.shape[-1]} dims for layer "
+                                 f"{layer}, got keys of shape {tuple(x.shape)}; recalibrate on this model")
+        cb_name = f"{ctx.kind}_cb"
+        cb = cal[cb_name][layer] if cb_name in cal else uniform_codebook(self.bits, x.device)
+        off, scl, mask, bits = self._normalise(x, ctx.kind, lo, hi)
+        levels = None
+        if self.qnorm:
+            a, b = cal[f"{ctx.kind}_qn"][layer]
+            levels = a * cb + b
+        xh, code_bits = quantize_to_codebook(x, cb, offset=off, scale=scl, levels=levels)
+        if mask is not None:
+            xh = torch.where(mask, x.half().to(x.dtype), xh)
+            bits = bits + outlier_bits(mask).to(x.device)
+        bits = bits + code_bits
+        if ctx.start <= self.sink_tokens:          # the layer's first chunk: per-layer tables, once
+            per_layer = 0.0
+            if self.nuq:
+                per_layer += 16.0 * cb.numel()      # the layer's fp16 codebook (LUT)
+            if self.qnorm:
+                per_layer += 2 * 16.0               # Q-Norm's (a, b)
+            if lo is not None:
+                per_layer += 2 * 16.0 * lo.numel()
+            bits = bits + per_layer
+        return Quantized(xh, bits)
+
+
+def _capture_kv(model, ids: torch.Tensor, grads: bool):
+    """Pre-RoPE keys and values of every layer for each row of `ids` (and dL/dK, dL/dV when `grads`,
+    L = the next-token cross-entropy summed over the row), moved to the CPU as float32 and
+    concatenated over rows: lists of [n, kv_heads, T, head_dim].
+
+    Gradients come from `torch.autograd.grad` on the tensors `capture(retain_grad=True)` keeps in
+    the graph, so no parameter `.grad` is created or changed; parameters are switched to
+    `requires_grad=True` for the pass (so the graph exists) and restored afterwards.
+    """
+    from ...hooks import capture
+    from ...models import LoadedModel
+
+    module = model.model if isinstance(model, LoadedModel) else model
+    device = next(module.parameters()).device
+    ks, vs, gks, gvs = [], [], [], []
+    for row in ids:
+        x = row.unsqueeze(0).to(device)
+        if grads:
+            params = list(module.parameters())
+            flags = [p.requires_grad for p in params]
+            try:
+                for p in params:
+                    p.requires_grad_(True)
+                with torch.enable_grad(), capture(module, what=("k_pre", "v"), retain_grad=True) as cap:
+                    logits = module(x).logits
+                    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum")
+                    kl, vl = cap["k_pre"], cap["v"]
+                    tensors = [t for t in kl + vl]
+                    gs = torch.autograd.grad(loss, tensors, allow_unused=True) \
+                        if all(t.requires_grad for t in tensors) else [None] * len(tensors)
+            finally:
+                for p, f in zip(params, flags):
+                    p.requires_grad_(f)
+            if any(g is None for g in gs):
+                raise KVLabError(
+                    "kvquant: fisher=true needs dL/dK and dL/dV, but kvlab.hooks.capture(retain_grad=True) "
+                    "returned tensors that are not on the model's autograd path (no gradient reaches them). "
+                    "Use fisher=false (plain k-means) until capture supports gradients.")
+            n = len(kl)
+            gks.append([g.detach().float().cpu() for g in gs[:n]])
+            gvs.append([g.detach().float().cpu() for g in gs[n:]])
+        else:
+            with torch.no_grad(), capture(module, what=("k_pre", "v"), max_tokens=None) as cap:
+                module(x)
+                kl, vl = cap["k_pre"], cap["v"]
+        ks.append([t.detach().float().cpu() for t in kl])
+        vs.append([t.detach().float().cpu() for t in vl])
+
+    def cat(rows):
+        return [torch.cat(per_layer, 0) for per_layer in zip(*rows)]
+
+    return cat(ks), cat(vs), (cat(gks) if grads else None), (cat(gvs) if grads else None)
+
+
+for _b in (4, 3, 2):
+    preset(f"kvquant-nuq{_b}", f"kvquant:bits={_b}")
+    preset(f"kvquant-nuq{_b}-1%", f"kvquant:bits={_b},outliers=0.01")
+    preset(f"kvquant-int{_b}", f"kvquant:bits={_b},nuq=false")

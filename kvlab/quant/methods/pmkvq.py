@@ -1,0 +1,230 @@
+"""PM-KVQ: Progressive Mixed-precision KV cache Quantization (Liu et al. 2025, "PM-KVQ: Progressive
+Mixed-precision KV Cache Quantization for Long-CoT LLMs", arXiv 2505.18610).
+
+1. Block-wise sensitivity (calibration, `calibrate`): for every layer l and candidate width b,
+       s_K[l, b] = mean | (Q_b(K_l) - K_l) * dL/dK_l |       (same for V; post-RoPE K, as the
+   authors' rope-output hooks), from one forward + backward pass of the LM loss on calibration
+   text. Q_b is the cache's own quantizer (asymmetric, group `group` along head_dim per token).
+2. Block-wise memory allocation (`kvlab.quant.allocation.allocate_bits`): the widths b_l in
+   {min_bits, ..., max_bits} (powers of two) minimising sum_l s_K[l, b_l] + s_V[l, b_l] subject to
+   sum_l b_l * size_l <= budget * sum_l size_l — the authors' integer program, solved exactly.
+   Layer l's memory budget is then budget_l = b_l * max_tokens (bits per element-slot).
+3. Progressive cache: every layer starts storing at `init_bits` (16, integer codes) and halves
+   (16 -> 8 -> 4 -> 2) whenever its memory exceeds its budget:
+       16 * (tokens kept fp16: sink + window) + bits * (quantized tokens) > budget_l
+   (codes only, as the authors' check; the accounting reported by the run also counts scales and
+   zeros). The width is a deterministic function of the layer's length (`ctx.total_tokens`), so the
+   method declares `rewrites_stored`: at every flush it is handed the whole quantized region
+   (already-stored dequantized tokens + the new chunk) and re-quantizes it at the current width —
+   equivalent to the authors' integer bit-width shrinking of stored codes (min/max are preserved).
+   If even `min_bits` does not fit, the layer stays at `min_bits` (the authors raise MemoryError);
+   `info["over_budget"]` says so. Note: with the authors' rule a layer reaches `max_tokens` at
+   half its allocated width (the fp16 window is charged against the same budget).
+4. Sink 1 and window (residual) 128 tokens stay fp16 (kept by the core).
+
+Positional-interpolation calibration (`interpolate=true`, the authors' `effective_len`): a
+calibration sequence of T < max_tokens tokens is run with RoPE positions 0, s, 2s, ... where
+s = max_tokens // T, so short calibration text exercises the rotary frequencies of long contexts.
+Only the sensitivity pass uses it; the authors' other calibration step (SmoothAttention-style
+key reparameterisation searched with interpolated positions) is not implemented.
+
+In the fake-quant protocol every token is quantized at the width of the final length (no history).
+`allocation="uniform"` skips calibration: every layer gets the largest width <= budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...errors import KVLabError
+from ..allocation import allocate_bits
+from ..base import LayerContext, Method, Quantized, check_choice, check_range
+from ..primitives import quantize_uniform
+from ..registry import preset, register
+
+ALLOCATIONS = ("sensitivity", "uniform")
+
+
+@register
+@dataclass(frozen=True)
+class PMKVQ(Method):
+    """PM-KVQ progressive mixed precision. budget: average bits per element at `max_tokens`."""
+
+    name = "pmkvq"
+    rewrites_stored: ClassVar[bool] = True
+    budget: float = 4.0
+    max_tokens: int = 4096
+    min_bits: int = 2
+    max_bits: int = 8
+    init_bits: int = 16
+    group: int = 128
+    allocation: str = "sensitivity"
+    interpolate: bool = True
+    sink: int = 1
+    residual: int = 128
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.allocation == "sensitivity"
+
+    @property
+    def choices(self) -> list[int]:
+        """Candidate final widths: powers of two in [min_bits, max_bits]."""
+        return [1 << p for p in range(int(math.log2(self.min_bits)), int(math.log2(self.max_bits)) + 1)]
+
+    def validate(self) -> None:
+        super().validate()
+        pow2 = (1, 2, 4, 8, 16)
+        check_range(self.name, "budget", self.budget, 1, 16)
+        check_range(self.name, "max_tokens", self.max_tokens, 1, 1 << 30, integer=True)
+        check_choice(self.name, "min_bits", self.min_bits, pow2)
+        check_choice(self.name, "max_bits", self.max_bits, pow2)
+        check_choice(self.name, "init_bits", self.init_bits, pow2)
+        if self.max_bits < self.min_bits:
+            raise KVLabError(f"{self.name}: 'max_bits' must be >= min_bits={self.min_bits}, got {self.max_bits}")
+        if self.init_bits < self.max_bits:
+            raise KVLabError(f"{self.name}: 'init_bits' must be >= max_bits={self.max_bits}, got {self.init_bits}")
+        if self.budget < self.min_bits:
+            raise KVLabError(f"{self.name}: 'budget' must be >= min_bits={self.min_bits}, got {self.budget!r}")
+        check_range(self.name, "group", self.group, 1, 1 << 20, integer=True)
+        check_choice(self.name, "allocation", self.allocation, ALLOCATIONS)
+
+    # --- allocation ------------------------------------------------------------------------------
+    def set_sensitivity(self, k_sens: torch.Tensor, v_sens: torch.Tensor, sizes=None) -> list[int]:
+        """Store per-layer sensitivities [layers, len(choices)] and solve the allocation; returns widths."""
+        k_sens, v_sens = torch.as_tensor(k_sens).double().cpu(), torch.as_tensor(v_sens).double().cpu()
+        if k_sens.shape != v_sens.shape or k_sens.dim() != 2 or k_sens.shape[1] != len(self.choices):
+            raise KVLabError(f"pmkvq: sensitivities must both be [layers, {len(self.choices)}] "
+                             f"(choices {self.choices}), got {tuple(k_sens.shape)} and {tuple(v_sens.shape)}")
+        bits = allocate_bits(k_sens + v_sens, self.choices, self.budget, sizes)
+        object.__setattr__(self, "_calib", {"k": k_sens, "v": v_sens, "bits": bits})
+        return bits
+
+    def allocated_bits(self, num_layers: int | None = None) -> list[int]:
+        """Final width per layer (from calibration, or uniform)."""
+        calib = getattr(self, "_calib", None)
+        if calib is not None:
+            bits = calib["bits"]
+            if num_layers is not None and len(bits) != num_layers:
+                raise KVLabError(f"pmkvq: calibrated for {len(bits)} layers, the model has {num_layers}")
+            return list(bits)
+        if self.allocation == "uniform":
+            b = max(c for c in self.choices if c <= self.budget)
+            return [b] * (num_layers or 1)
+        raise KVLabError("pmkvq: allocation='sensitivity' needs calibrate(model, input_ids) first "
+                         "(kvlab.evaluate does it), or use allocation=uniform")
+
+    def layer_bits(self, layer: int, num_layers: int, total_tokens: int, quantized_tokens: int) -> tuple[int, bool]:
+        """Current width of a layer holding `total_tokens`, `quantized_tokens` of them quantized:
+        halve from init_bits while 16 * fp_tokens + bits * quantized_tokens > allocated * max_tokens."""
+        budget_l = self.allocated_bits(num_layers)[layer] * self.max_tokens
+        fp = total_tokens - quantized_tokens
+        bits = self.init_bits
+        while 16 * fp + bits * quantized_tokens > budget_l and bits > self.min_bits:
+            bits //= 2
+        return bits, 16 * fp + bits * quantized_tokens > budget_l
+
+    # --- the per-layer rule ------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+        b, h, t, d = x.shape
+        total = ctx.total_tokens if ctx.total_tokens is not None else ctx.start + t
+        bits, over = self.layer_bits(ctx.layer, ctx.num_layers, total, t)
+        g = min(self.group, d)
+        if d % g:
+            raise KVLabError(f"pmkvq: group={self.group} does not divide head_dim={d}; use a divisor of {d}")
+        xh, total_bits = quantize_uniform(x, bits, dim=-1, group=g)
+        return Quantized(xh, total_bits, info={"bits": bits, "over_budget": over,
+                                               "budget_bits": self.allocated_bits(ctx.num_layers)[ctx.layer]})
+
+    # --- calibration -------------------------------------------------------------------------------
+    def calibrate(self, model, input_ids: torch.Tensor) -> None:
+        """Per-layer K/V sensitivities from one LM-loss backward pass (cached on disk), then allocate."""
+        if self.allocation != "sensitivity":
+            return
+        model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        stride = max(self.max_tokens // ids.shape[-1], 1) if self.interpolate else 1
+
+        def compute() -> dict[str, torch.Tensor]:
+            ks, vs = sensitivity(model, ids, self.choices, min_group=self.group, position_stride=stride)
+            return {"k": ks, "v": vs}
+
+        try:
+            from ..calibration import cached, model_fingerprint, tensor_digest
+        except ImportError:  # pragma: no cover - calibration cache not available
+            sens = compute()
+        else:
+            key = {"method": "pmkvq-sensitivity-v1", "model": model_fingerprint(model),
+                   "ids": tensor_digest(ids), "choices": self.choices, "group": self.group, "stride": stride}
+            sens = cached("pmkvq", key, compute)
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        self.set_sensitivity(sens["k"], sens["v"])
+        if len(self._calib["bits"]) != cfg.num_hidden_layers:  # pragma: no cover - sanity
+            raise KVLabError("pmkvq: sensitivity layers do not match the model")
+
+
+def sensitivity(model, input_ids: torch.Tensor, choices, min_group: int = 128,
+                position_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """s[l, c] = mean |(Q_c(X_l) - X_l) * dLoss/dX_l| for X = post-RoPE K and V; returns ([L, C], [L, C]).
+
+    The gradient comes from the mean next-token cross-entropy over `input_ids` [b, T]; positions are
+    0, s, 2s, ... with s = `position_stride` (positional interpolation). Model weights receive no
+    gradients (torch.autograd.grad with respect to the K/V tensors only).
+    """
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    b, T = ids.shape
+    kwargs = {}
+    if position_stride > 1:
+        kwargs["position_ids"] = (torch.arange(T, device=device) * position_stride)[None].expand(b, T)
+    with torch.enable_grad():
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        keys, values, logits = _forward_recording(model, emb, kwargs)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 ids[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, keys + values, allow_unused=True)
+    n = len(keys)
+    gk, gv = grads[:n], grads[n:]
+    if any(g is None for g in grads):
+        raise KVLabError("pmkvq: no gradient reached the cached keys/values; the model family may not route its "
+                         "K/V through the cache")
+    out_k = torch.zeros(n, len(choices), dtype=torch.float64)
+    out_v = torch.zeros(n, len(choices), dtype=torch.float64)
+    with torch.no_grad():
+        for l in range(n):
+            for c, bits in enumerate(choices):
+                for x, g, out in ((keys[l], gk[l], out_k), (values[l], gv[l], out_v)):
+                    x = x.detach()
+                    grp = min(min_group, x.shape[-1])
+                    xh, _ = quantize_uniform(x, bits, dim=-1, group=grp)
+                    out[l, c] = ((xh.float() - x.float()) * g.float()).abs().mean().double().cpu()
+    return out_k, out_v
+
+
+def _forward_recording(model, emb, kwargs):
+    """One forward that returns (post-RoPE keys per layer, values per layer, logits), all in the graph.
+
+    Records the states handed to the cache (a DynamicCache subclass): they sit on the loss path.
+    (`kvlab.capture(..., retain_grad=True)` records slices of the concatenated cache states, which
+    are not on the loss path, so their `.grad` stays None.)
+    """
+    from transformers.cache_utils import DynamicCache
+
+    rec: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    class _Recording(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kw):
+            rec[layer_idx] = (key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kw)
+
+    cache = _Recording(config=model.config)
+    out = model(inputs_embeds=emb, past_key_values=cache, use_cache=True, **kwargs)
+    n = len(rec)
+    return [rec[i][0] for i in range(n)], [rec[i][1] for i in range(n)], out.logits
+
+
+for _b in (4, 3):
+    preset(f"pmkvq-{_b}", f"pmkvq:budget={float(_b)}")

@@ -1,0 +1,311 @@
+"""QAQ: Quality Adaptive Quantization (Dong et al. 2024, "QAQ: Quality Adaptive Quantization for LLM
+KV Cache", arXiv 2403.04643) — separate closed-form bit rules for keys and values, per token.
+
+Per group (one token of one head / of one layer / of the whole model, `level`), from an error
+target eps (Sec. 4.1; formulas in `kvlab.quant.allocation`):
+
+* keys:   e_max = sqrt(12 / q_norm * ln(L^3 / (L - 1) * eps_k^2 + 1))   (q_norm = ||q||^2)
+* values: e_max = sqrt(12 / L) * eps_v / a_max     (a_max: largest attention the token received
+          from the last `n_recent` queries — the paper's "attention window", Sec. 4.2)
+* bits:   paper  B = clamp(ceil(log2(R / e_max)), n_min, n_max)           (Sec. 4.1, B_t = ceil(log2(R / (2 sqrt(3) sigma))))
+          code   B = clamp(ceil(log2(R / (2 e_max) + 1)), n_min, n_max)   (authors' src/quantizer.py; ~1 bit fewer)
+  R = max - min of the group without its outliers; the last (n_recent - 1) tokens get n_max
+  (their attention window is incomplete).
+* outliers (Sec. 4.2): a fraction `outliers` of values, half at each end, kept at 16 bits
+  (+ a 32-bit index) and excluded from the group's statistics.
+
+`variant="paper"` follows the paper's text; `variant="code"` the authors' implementation. What
+differs (state which one a figure uses):
+
+| | paper | code |
+|---|---|---|
+| bits | ceil(log2(R / e_max)) | ceil(log2(R / (2 e_max) + 1)) |
+| q_norm (keys) | measured: max ||q||^2 over the prompt's queries of the group (the paper uses the 90% quantile of a precomputed distribution) | constant 300, used as the squared norm |
+| grid | 2^B equal segments of [min, max], values rounded to the segment midpoint | centred on the group mean: mu + k s, s = R / 2^B, k in [-2^(B-1), 2^(B-1) - 1] |
+| outliers | beyond the outliers/2 quantiles of the layer's whole tensor (per batch row) | outliers/2 per end *per group* by kthvalue (at least one value per end) |
+| when | per layer as K/V are stored (scope "layer"; "cache" at token level) | once, on the prompt's whole cache after prefill (scope "cache"); later tokens stay fp16 |
+
+Both variants take a_max (values) and q_norm as the max over the group's heads (and layers at token
+level), as the code does. `quant="normal"` stores N(0, 1) quantile centres of 2^B equal-probability
+bins after normalising by the group's mean and std (the code's "normal" method, which it never
+combines with attention-aware bits; here it uses the same closed-form bits). `attention_aware=False`
+replaces a_max by 1 (the worst case |S_t| <= 1), so value bits depend only on the token's range.
+
+Levels: "head" = one group per (token, kv head) of a layer; "layer" = one per (token, layer) over all
+kv heads; "token" = one per token over every layer and head (needs the whole cache: scope "cache").
+`scope` and `needs_attention` therefore depend on the config (instance properties).
+
+Bits stored per group: B per non-outlier value + fp16 scale + fp16 zero/mean (32) + an 8-bit width
+field when n_min < n_max (a mixed-precision cache must store each group's width) + 48 per outlier.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import KVLabError
+from ..allocation import qaq_bits, qaq_key_emax, qaq_value_emax
+from ..base import LayerContext, Method, Quantized, check_choice, check_range
+from ..registry import preset, register
+
+LEVELS = ("token", "layer", "head")
+QUANTS = ("uniform", "normal")
+VARIANTS = ("paper", "code")
+META_BITS = 32          # fp16 scale + fp16 zero point (or mean) per group
+WIDTH_BITS = 8          # per-group bit width, stored only when widths vary (n_min < n_max)
+OUTLIER_BITS = 16 + 32  # fp16 value + int32 index
+CODE_Q_NORM = 300.0     # the authors' code: constant q_norm, used as ||q||^2
+
+
+@register
+@dataclass(frozen=True)
+class QAQ(Method):
+    """QAQ mixed-precision per-token quantization with separate key/value error targets.
+
+    eps_k / eps_v: error targets (sigma_S for keys, sigma_X for values; smaller = more bits).
+    n_min / n_max: clamp of the per-group bits. outliers: fraction kept at 16 bits (0 = none).
+    level: "head" | "layer" | "token". quant: "uniform" | "normal". variant: "paper" | "code".
+    attention_aware: value bits use a_max (else a_max = 1). n_recent: attention window (queries).
+    q_norm: squared query norm for the key rule; None = measured (paper) or 300 (code).
+    """
+
+    name = "qaq"
+    eps_k: float = 2.0
+    eps_v: float = 1.0
+    n_min: int = 1
+    n_max: int = 8
+    outliers: float = 0.01
+    level: str = "head"
+    quant: str = "uniform"
+    attention_aware: bool = True
+    variant: str = "paper"
+    n_recent: int = 5
+    q_norm: float | None = None
+    sink: int = 0
+    residual: int = 0
+
+    # --- config-dependent interface flags ----------------------------------------------------------
+    @property
+    def needs_attention(self) -> bool:  # type: ignore[override]
+        return bool(self.attention_aware or self._measured_q_norm)
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        return "cache" if (self.level == "token" or self.variant == "code") else "layer"
+
+    @property
+    def _measured_q_norm(self) -> bool:
+        return self.q_norm is None and self.variant == "paper"
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self.name, "eps_k", self.eps_k, 0, math.inf, lo_open=True, hi_open=True)
+        check_range(self.name, "eps_v", self.eps_v, 0, math.inf, lo_open=True, hi_open=True)
+        check_range(self.name, "n_min", self.n_min, 0, 16, integer=True)
+        check_range(self.name, "n_max", self.n_max, max(self.n_min, 1) if isinstance(self.n_min, int) else 1, 16,
+                    integer=True)
+        check_range(self.name, "outliers", self.outliers, 0, 1, hi_open=True)
+        check_choice(self.name, "level", self.level, LEVELS)
+        check_choice(self.name, "quant", self.quant, QUANTS)
+        check_choice(self.name, "variant", self.variant, VARIANTS)
+        check_range(self.name, "n_recent", self.n_recent, 1, 1 << 20, integer=True)
+        if self.q_norm is not None:
+            check_range(self.name, "q_norm", self.q_norm, 0, math.inf, lo_open=True, hi_open=True)
+
+    # --- the two entry points ---------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+        if self.level == "token":
+            raise KVLabError("qaq: level='token' groups every layer of a token together; it runs on the "
+                             "whole cache (scope 'cache'), not layer by layer")
+        return self._layer(x, ctx.kind, ctx)
+
+    def quantize_cache(self, keys, values, ctxs):
+        if self.level != "token":
+            ks = [self._layer(k, "k", c) for k, c in zip(keys, ctxs)]
+            vs = [self._layer(v, "v", c) for v, c in zip(values, ctxs)]
+            return ks, vs
+        return self._token_level(keys, "k", ctxs), self._token_level(values, "v", ctxs)
+
+    # --- one layer (head / layer level) -------------------------------------------------------------
+    def _layer(self, x: torch.Tensor, kind: str, ctx: LayerContext) -> Quantized:
+        b, h, t, d = x.shape
+        if t == 0:
+            return Quantized(x, torch.zeros((), device=x.device), info={f"bits_{kind}": x.new_zeros((b, h, 0))})
+        L = ctx.total_tokens if ctx.total_tokens is not None else ctx.start + t
+        att = ctx.attention
+        if self.level == "head":
+            xg = x.float()                                               # groups [b, h, t], n = d
+            tok_dim = 2
+            q_sq = (att.query_norm.float() ** 2)[..., None] if self._measured_q_norm and att is not None else None
+            a_max = att.received_max.float() if (self.attention_aware and att is not None) else None
+        else:                                                            # "layer": groups [b, t], n = h*d
+            xg = x.float().transpose(1, 2).reshape(b, t, h * d)
+            tok_dim = 1
+            q_sq = (att.query_norm.float().amax(1, keepdim=True) ** 2) if self._measured_q_norm and att is not None else None
+            a_max = att.received_max.float().amax(1) if (self.attention_aware and att is not None) else None
+        self._need(kind, att)
+        xh, bits, mask = self._groups(xg, kind, L, ctx.start, tok_dim, q_sq, a_max)
+        valid = (~mask).sum(-1)
+        total = (bits * valid).sum() + bits.numel() * self._meta_bits + mask.sum() * OUTLIER_BITS
+        if self.level == "head":
+            x_out = xh
+            bmap = bits
+        else:
+            x_out = xh.reshape(b, t, h, d).transpose(1, 2)
+            bmap = bits[:, None, :].expand(b, h, t)
+        return Quantized(x_out.to(x.dtype), total.float(), info={f"bits_{kind}": bmap,
+                                                                 f"outliers_{kind}": mask.sum()})
+
+    # --- token level: one group per token over every layer and head --------------------------------
+    def _token_level(self, xs: list[torch.Tensor], kind: str, ctxs: list[LayerContext]) -> list[Quantized]:
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) != 1:
+            raise KVLabError(f"qaq: level='token' needs every layer to hand over the same [b, kv_heads, tokens, "
+                             f"head_dim] shape, got {sorted(shapes)}; use level='layer' or 'head'")
+        n_layers = len(xs)
+        b, h, t, d = xs[0].shape
+        if t == 0:
+            return [Quantized(x, torch.zeros((), device=x.device), info={f"bits_{kind}": x.new_zeros((b, h, 0))})
+                    for x in xs]
+        ctx = ctxs[0]
+        L = ctx.total_tokens if ctx.total_tokens is not None else ctx.start + t
+        atts = [c.attention for c in ctxs]
+        self._need(kind, atts[0])
+        q_sq = a_max = None
+        if self._measured_q_norm and atts[0] is not None:
+            q_sq = torch.stack([a.query_norm.float() for a in atts]).amax(dim=(0, 2))[:, None] ** 2     # [b, 1]
+        if self.attention_aware and atts[0] is not None:
+            a_max = torch.stack([a.received_max.float() for a in atts]).amax(dim=(0, 2))                # [b, t]
+        X = torch.stack([x.float() for x in xs])                          # [Ly, b, h, t, d]
+        xg = X.permute(1, 3, 0, 2, 4).reshape(b, t, n_layers * h * d)     # groups [b, t]
+        xh, bits, mask = self._groups(xg, kind, L, ctx.start, 1, q_sq, a_max)
+        valid_l = (~mask).reshape(b, t, n_layers, h * d).sum(-1)          # [b, t, Ly]
+        out_l = mask.reshape(b, t, n_layers, h * d).sum(-1)
+        code_l = (bits[..., None] * valid_l).sum(dim=(0, 1))              # [Ly]
+        meta_l = bits.numel() * self._meta_bits / n_layers                # group metadata shared evenly
+        totals = code_l.float() + meta_l + out_l.sum(dim=(0, 1)).float() * OUTLIER_BITS
+        xh = xh.reshape(b, t, n_layers, h, d).permute(2, 0, 3, 1, 4)
+        bmap = bits[:, None, :].expand(b, h, t)
+        return [Quantized(xh[l].to(xs[l].dtype), totals[l], info={f"bits_{kind}": bmap,
+                                                                   f"outliers_{kind}": out_l[..., l].sum()})
+                for l in range(n_layers)]
+
+    # --- shared machinery --------------------------------------------------------------------------
+    @property
+    def _meta_bits(self) -> int:
+        return META_BITS + (WIDTH_BITS if self.n_min < self.n_max else 0)
+
+    def _need(self, kind: str, att) -> None:
+        if att is None and ((kind == "v" and self.attention_aware) or (kind == "k" and self._measured_q_norm)):
+            raise KVLabError("qaq: this config needs attention statistics (ctx.attention): run it through "
+                             "kvlab.quantize, or set attention_aware=false and a constant q_norm")
+
+    def _groups(self, xg: torch.Tensor, kind: str, L: int, start: int, tok_dim: int,
+                q_sq: torch.Tensor | None, a_max: torch.Tensor | None):
+        """Quantize groups xg [*G, n]: returns (dequantized [*G, n], bits [*G] int64, outlier mask)."""
+        mask = self._outlier_mask(xg)
+        mn, mx, mu, sd = group_stats(xg, mask)
+        R = mx - mn
+        if kind == "k":
+            qn = q_sq if q_sq is not None else torch.tensor(self.q_norm or CODE_Q_NORM, device=xg.device)
+            e_max = qaq_key_emax(L, self.eps_k, qn)
+        else:
+            e_max = qaq_value_emax(L, self.eps_v, a_max if a_max is not None else torch.ones((), device=xg.device))
+        bits = qaq_bits(R, e_max, self.n_min, self.n_max, self.variant).expand(R.shape)
+        if self.n_recent > 1:
+            t = xg.shape[tok_dim]
+            pos = start + torch.arange(t, device=xg.device)
+            recent = pos >= L - (self.n_recent - 1)
+            shape = [1] * bits.dim()
+            shape[tok_dim] = t
+            bits = torch.where(recent.view(shape), torch.full_like(bits, self.n_max), bits)
+        xh = dequant_groups(xg, bits, mn, mx, mu, sd, grid=self._grid)
+        xh = torch.where(mask, xg, xh)
+        return xh, bits, mask
+
+    @property
+    def _grid(self) -> str:
+        if self.quant == "normal":
+            return "normal"
+        return "midpoint" if self.variant == "paper" else "mean"
+
+    def _outlier_mask(self, xg: torch.Tensor) -> torch.Tensor:
+        if self.outliers == 0:
+            return torch.zeros_like(xg, dtype=torch.bool)
+        if self.variant == "code":
+            return outlier_mask(xg, self.outliers)
+        flat = xg.reshape(xg.shape[0], -1)
+        return outlier_mask(flat, self.outliers).reshape(xg.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# group helpers (private to QAQ; vectorised over every group, bits as a tensor)
+# ------------------------------------------------------------------------------------------------
+
+
+def outlier_mask(xg: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Values beyond the ratio/2 lower and upper order statistics of the last axis (kthvalue, as
+    QAQ's code): x <= kth(ceil(r/2 n)) or x > kth(floor((1 - r/2) n))."""
+    n = xg.shape[-1]
+    if ratio <= 0 or n == 0:
+        return torch.zeros_like(xg, dtype=torch.bool)
+    k_lo = min(max(int(math.ceil(ratio / 2 * n)), 1), n)
+    k_hi = min(max(int(math.floor((1.0 - ratio / 2) * n)), 1), n)
+    lo = torch.kthvalue(xg, k_lo, dim=-1, keepdim=True).values
+    hi = torch.kthvalue(xg, k_hi, dim=-1, keepdim=True).values
+    return (xg <= lo) | (xg > hi)
+
+
+def group_stats(xg: torch.Tensor, mask: torch.Tensor):
+    """min, max, mean, std (unbiased) of each group's non-outlier values; groups [*G, n] -> [*G]."""
+    valid = ~mask
+    cnt = valid.sum(-1)
+    big = torch.finfo(xg.dtype).max
+    mn = torch.where(valid, xg, big).amin(-1)
+    mx = torch.where(valid, xg, -big).amax(-1)
+    empty = cnt == 0
+    mn = torch.where(empty, torch.zeros_like(mn), mn)
+    mx = torch.where(empty, torch.zeros_like(mx), mx)
+    c = cnt.clamp_min(1).to(xg.dtype)
+    mu = torch.where(valid, xg, 0).sum(-1) / c
+    var = (torch.where(valid, xg - mu[..., None], 0) ** 2).sum(-1) / (cnt - 1).clamp_min(1).to(xg.dtype)
+    return mn, mx, mu, var.sqrt()
+
+
+def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: str) -> torch.Tensor:
+    """Quantize-dequantize each group at its own bit width (bits [*G]); parameters stored as fp16.
+
+    midpoint: 2^B segments of [min, max], rounded to the segment midpoint (QAQ paper, Sec. 4.1).
+    mean:     mu + k s, s = R / 2^B, k in [-2^(B-1), 2^(B-1) - 1] (QAQ code; B = 0 stores mu).
+    normal:   (x - mu) / std mapped to the centre quantile of its bin among 2^B N(0,1) bins.
+    """
+    b = bits.float()[..., None]
+    levels = 2.0 ** b
+    if grid == "midpoint":
+        lo = mn.half().float()[..., None]
+        s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
+        idx = torch.floor((xg - lo) / s).clamp(min=torch.zeros_like(levels), max=levels - 1)
+        return lo + (idx + 0.5) * s
+    if grid == "mean":
+        m = mu.half().float()[..., None]
+        s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
+        half = 2.0 ** (b - 1)
+        q = torch.round((xg - m) / s).clamp(min=-half, max=half - 1)
+        q = torch.where(b == 0, torch.zeros_like(q), q)
+        return m + q * s
+    if grid == "normal":
+        m = mu.half().float()[..., None]
+        s = sd.half().float()[..., None].clamp_min(1e-8)
+        p = torch.special.ndtr((xg - m) / s)
+        idx = torch.minimum(torch.floor(p * levels), levels - 1)
+        return m + torch.special.ndtri((idx + 0.5) / levels) * s
+    raise KVLabError(f"qaq: unknown grid {grid!r}")
+
+
+# Presets. Error targets chosen on SmolLM2-135M (wiki, 512-token windows) to land near the stated
+# average bits; the exact average depends on the model and text (the run reports it).
+preset("qaq-high", "qaq:eps_k=2.0,eps_v=1.0")
+preset("qaq-low", "qaq:eps_k=8.0,eps_v=4.0")
+preset("qaq-code", "qaq:variant=code,level=token,n_min=1,n_max=4,eps_k=1.0,eps_v=1.0")
