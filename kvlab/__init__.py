@@ -4,13 +4,30 @@
     with kvlab.quantize(lm, "kivi-2", protocol="fake") as run:
         lm.model(ids)
     run.summary()
+
+Names are imported lazily so that `import kvlab.store` (sweep workers, the CLI) does not pay for
+torch and transformers.
 """
-from . import quant
+from __future__ import annotations
+
+import importlib
+
 from .errors import KVLabError
-from .evaluate import EvalSpec, compare, evaluate
-from .hooks import capture, quantize
-from .models import LoadedModel, load, tiny
 
 __version__ = "0.1.0"
-__all__ = ["KVLabError", "LoadedModel", "EvalSpec", "capture", "compare", "evaluate", "load", "quant",
-           "quantize", "tiny", "__version__"]
+
+_LAZY = {
+    "LoadedModel": "models", "load": "models", "tiny": "models",
+    "quantize": "hooks", "capture": "hooks",
+    "EvalSpec": "evaluate", "compare": "evaluate",
+}
+_SUBMODULES = {"quant", "data", "models", "hooks", "evaluate", "metrics", "store", "sweep", "plots", "notebook"}
+__all__ = ["KVLabError", "__version__", *_LAZY, *sorted(_SUBMODULES)]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kvlab' has no attribute {name!r}")

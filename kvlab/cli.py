@@ -97,7 +97,7 @@ def cmd_eval(args) -> None:
     lm = load(args.model, device=args.device)
     df = compare(lm, methods, spec, store=store)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(df[["method", "protocol", "avg_bits", "ppl", "kl", "top1", "k_rel_err", "v_rel_err"]]
+        print(df[["label", "method", "protocol", "avg_bits", "ppl", "kl", "top1", "k_rel_err", "v_rel_err"]]
               .round(4).to_string(index=False))
 
 
@@ -134,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except KVLabError as exc:
         print(f"kvlab: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("kvlab: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

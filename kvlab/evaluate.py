@@ -131,6 +131,7 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     from tqdm.auto import tqdm
 
     spec = spec or EvalSpec(**spec_kwargs)
+    label = method if isinstance(method, str) else method.spec
     method = parse(method)
     if getattr(method, "replaces_cache", False) and spec.protocol != "prefill-decode":
         raise KVLabError(f"'{method.spec}' replaces the whole cache (HF QuantizedCache): its prefill attends to "
@@ -170,7 +171,8 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
         s = run.summary()
         metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err")})
         layers, info = run.layer_report(), run.info
-    metrics = {"model": lm.model_id, "data": spec.key, "method": method.spec, "protocol": spec.protocol, **metrics}
+    metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
+               "protocol": spec.protocol, **metrics}
     return EvalResult(metrics, layers, info)
 
 

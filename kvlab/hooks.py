@@ -316,7 +316,8 @@ class Session:
     def _post_forward(self, module, args, kwargs, output):
         if self.phase == "stats" or not self._finite:
             return None
-        flags = torch.stack(self._finite)          # [n, 2]: one host sync per top-level forward
+        dev = self._finite[0].device               # layers may sit on several devices (device_map)
+        flags = torch.stack([f.to(dev, non_blocking=True) for f in self._finite])   # one host sync per forward
         self._finite.clear()
         if not bool(flags.all()):
             bad = (~flags).nonzero()[0].tolist()

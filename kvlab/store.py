@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m kvlab.store")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
+    add_cli(sub).prog = "python -m kvlab.store"
     args = parser.parse_args(["results", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)

@@ -282,6 +282,15 @@ def _worker_main() -> None:
         proto.flush()
 
 
+# A worker only runs papermill: it imports kvlab.sweep (errors, paths) under a bare `kvlab` package
+# module, skipping kvlab/__init__ (torch, transformers: seconds per worker). The notebooks' kernels
+# are separate processes and import kvlab normally.
+_WORKER_BOOT = ("import sys, types\n"
+                "pkg = types.ModuleType('kvlab'); pkg.__path__ = [%r]; sys.modules['kvlab'] = pkg\n"
+                "from kvlab.sweep import _worker_main\n"
+                "_worker_main()\n")
+
+
 class _WorkerProcess:
     """One worker subprocess (`python -c ...kvlab.sweep._worker_main`) bound to an optional device."""
 
@@ -295,8 +304,9 @@ class _WorkerProcess:
         env = dict(os.environ)
         pkg_parent = str(Path(__file__).resolve().parent.parent)   # the same kvlab as the driver's
         env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen([sys.executable, "-c", "from kvlab.sweep import _worker_main; _worker_main()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT % str(Path(__file__).resolve().parent)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=os.name == "posix")   # Ctrl-C goes to the driver only
 
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
         if self.proc is None or self.proc.poll() is not None:
@@ -458,7 +468,7 @@ def run_sweep(path_or_dict: str | os.PathLike | Mapping[str, Any], workers: int 
     allowed = notebook_parameters(notebook)
     _validate(spec, configs, allowed, check_methods=False)   # cheap checks first, for every config
 
-    st = store if isinstance(store, Store) else Store(store)
+    st = store if isinstance(store, Store) else Store(store, readonly=dry_run)
     hashes = [config_hash(notebook, c) for c in configs]
     unique: dict[str, dict[str, Any]] = {}
     for h, c in zip(hashes, configs):
@@ -512,6 +522,12 @@ def run_sweep(path_or_dict: str | os.PathLike | Mapping[str, Any], workers: int 
                 _run_ray(jobs, notebook, devs, st, record, bar)
             else:
                 _run_local(jobs, workers, devs, record, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"sweep {spec['name']}: interrupted after {summary['ran']} of {len(jobs)} configs "
+                  f"({summary['failed']} failed); what finished is recorded, run the same sweep again to continue",
+                  file=sys.stderr)
+            raise
         finally:
             bar.close()
 
@@ -638,13 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m kvlab.sweep SPEC [options]` (same as `kvlab sweep`)."""
     parser = argparse.ArgumentParser(prog="python -m kvlab.sweep")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
+    add_cli(sub).prog = "python -m kvlab.sweep"
     args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except KVLabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,15 +11,21 @@ Mixed-precision KV Cache Quantization for Long-CoT LLMs", arXiv 2505.18610).
    Layer l's memory budget is then budget_l = b_l * max_tokens (bits per element-slot).
 3. Progressive cache: every layer starts storing at `init_bits` (16, integer codes) and halves
    (16 -> 8 -> 4 -> 2) whenever its memory exceeds its budget:
-       16 * (tokens kept fp16: sink + window) + bits * (quantized tokens) > budget_l
-   (codes only, as the authors' check; the accounting reported by the run also counts scales and
-   zeros). The width is a deterministic function of the layer's length (`ctx.total_tokens`), so the
+       bits * (quantized tokens) > budget_l                                  (count_window=false)
+       16 * (sink + window tokens) + bits * (quantized tokens) > budget_l    (count_window=true)
+   Codes only (the accounting reported by the run also counts scales and zeros). With
+   count_window=false a layer reaches exactly its allocated width when the sequence reaches
+   `max_tokens`; count_window=true is the authors' code (progressive_quantized_cache.py), which
+   charges the fp16 sink and window to the same budget — then a layer is at half its allocated
+   width by `max_tokens`, and a budget below 16 * (sink + window) / max_tokens is exceeded from
+   the start. `max_tokens` should be the context length you evaluate (kvlab's default window: 512;
+   the paper: 32k-token reasoning traces).
+   The width is a deterministic function of the layer's length (`ctx.total_tokens`), so the
    method declares `rewrites_stored`: at every flush it is handed the whole quantized region
    (already-stored dequantized tokens + the new chunk) and re-quantizes it at the current width —
    equivalent to the authors' integer bit-width shrinking of stored codes (min/max are preserved).
    If even `min_bits` does not fit, the layer stays at `min_bits` (the authors raise MemoryError);
-   `info["over_budget"]` says so. Note: with the authors' rule a layer reaches `max_tokens` at
-   half its allocated width (the fp16 window is charged against the same budget).
+   `info["over_budget"]` says so.
 4. Sink 1 and window (residual) 128 tokens stay fp16 (kept by the core).
 
 Positional-interpolation calibration (`interpolate=true`, the authors' `effective_len`): a
@@ -56,13 +62,14 @@ class PMKVQ(Method):
     name = "pmkvq"
     rewrites_stored: ClassVar[bool] = True
     budget: float = 4.0
-    max_tokens: int = 4096
+    max_tokens: int = 512
     min_bits: int = 2
     max_bits: int = 8
     init_bits: int = 16
     group: int = 128
     allocation: str = "sensitivity"
     interpolate: bool = True
+    count_window: bool = False
     sink: int = 1
     residual: int = 128
 
@@ -118,10 +125,11 @@ class PMKVQ(Method):
                          "(kvlab.evaluate does it), or use allocation=uniform")
 
     def layer_bits(self, layer: int, num_layers: int, total_tokens: int, quantized_tokens: int) -> tuple[int, bool]:
-        """Current width of a layer holding `total_tokens`, `quantized_tokens` of them quantized:
-        halve from init_bits while 16 * fp_tokens + bits * quantized_tokens > allocated * max_tokens."""
+        """(width, over_budget) of a layer holding `total_tokens`, `quantized_tokens` of them quantized:
+        halve from init_bits while bits * quantized_tokens (+ 16 * fp tokens if count_window)
+        > allocated * max_tokens."""
         budget_l = self.allocated_bits(num_layers)[layer] * self.max_tokens
-        fp = total_tokens - quantized_tokens
+        fp = total_tokens - quantized_tokens if self.count_window else 0
         bits = self.init_bits
         while 16 * fp + bits * quantized_tokens > budget_l and bits > self.min_bits:
             bits //= 2
@@ -205,25 +213,12 @@ def sensitivity(model, input_ids: torch.Tensor, choices, min_group: int = 128,
 
 
 def _forward_recording(model, emb, kwargs):
-    """One forward that returns (post-RoPE keys per layer, values per layer, logits), all in the graph.
+    """One forward that returns (post-RoPE keys per layer, values per layer, logits), all in the graph."""
+    from ...hooks import capture
 
-    Records the states handed to the cache (a DynamicCache subclass): they sit on the loss path.
-    (`kvlab.capture(..., retain_grad=True)` records slices of the concatenated cache states, which
-    are not on the loss path, so their `.grad` stays None.)
-    """
-    from transformers.cache_utils import DynamicCache
-
-    rec: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    class _Recording(DynamicCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kw):
-            rec[layer_idx] = (key_states, value_states)
-            return super().update(key_states, value_states, layer_idx, *args, **kw)
-
-    cache = _Recording(config=model.config)
-    out = model(inputs_embeds=emb, past_key_values=cache, use_cache=True, **kwargs)
-    n = len(rec)
-    return [rec[i][0] for i in range(n)], [rec[i][1] for i in range(n)], out.logits
+    with capture(model, what=("k", "v"), retain_grad=True) as cap:
+        out = model(inputs_embeds=emb, **kwargs)
+    return cap["k"], cap["v"], out.logits
 
 
 for _b in (4, 3):

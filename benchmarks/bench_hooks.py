@@ -1,0 +1,95 @@
+"""Hook overhead on the embedded model: forward-time ratios against the bare model (design.md section 7).
+
+Prints identity/bare, int4/bare and stats/bare (attention statistics) for one fake-quant forward of
+`--tokens` tokens, as the median of interleaved repeats. Targets: <= 1.02, <= 1.05, <= 2.0.
+Also prints a plain forward hook doing per-token int4 on k_proj/v_proj outputs as the floor.
+
+    python benchmarks/bench_hooks.py [--tokens 2048] [--repeats 5] [--model smollm2-135m]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+import kvlab
+from kvlab.quant.base import LayerContext, Method, Quantized
+from kvlab.quant.primitives import quantize_uniform
+
+
+@dataclass(frozen=True)
+class _StatsOnly(Method):
+    """Identity that asks for attention statistics (measures the statistics path alone)."""
+    name: ClassVar[str] = "bench-stats"
+    needs_attention: ClassVar[bool] = True
+
+    def quantize(self, x, ctx: LayerContext) -> Quantized:
+        return Quantized(x, torch.tensor(16.0 * x.numel(), device=x.device))
+
+
+def _plain_hooks(model):
+    def hook(mod, inp, out):
+        b, t, _ = out.shape
+        xh, _ = quantize_uniform(out.view(b, t, -1, 64), 4, dim=-1)
+        return xh.view(b, t, -1)
+    return [layer.self_attn.k_proj.register_forward_hook(hook) for layer in model.model.layers] + \
+        [layer.self_attn.v_proj.register_forward_hook(hook) for layer in model.model.layers]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    lm = kvlab.load(args.model)
+    model = lm.model
+    ids = kvlab.data.tokens(lm.tokenizer, "wiki", args.tokens)[None].to(lm.device) if lm.tokenizer is not None \
+        else torch.randint(3, 300, (1, args.tokens))
+
+    def bare():
+        model(ids)
+
+    def with_method(m):
+        def f():
+            with kvlab.quantize(model, m, protocol="fake"):
+                model(ids)
+        return f
+
+    def plain():
+        hs = _plain_hooks(model)
+        try:
+            model(ids)
+        finally:
+            for h in hs:
+                h.remove()
+
+    cases = {"bare": bare, "identity": with_method("fp16"), "int4": with_method("int4"),
+             "stats": with_method(_StatsOnly()), "plain-hook-int4": plain}
+    times = {k: [] for k in cases}
+    with torch.no_grad():
+        for f in cases.values():       # warm-up
+            f()
+        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every case alike
+            for k, f in cases.items():
+                t0 = time.perf_counter()
+                f()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model {lm.name}, {args.tokens} tokens, {args.repeats} interleaved repeats, device {lm.device}, "
+          f"threads {torch.get_num_threads()}; bare forward {med['bare'] * 1000:.0f} ms")
+    targets = {"identity": 1.02, "int4": 1.05, "stats": 2.0, "plain-hook-int4": None}
+    for k, target in targets.items():
+        ratio = med[k] / med["bare"]
+        verdict = "" if target is None else ("  ok" if ratio <= target else f"  ABOVE target {target}")
+        print(f"{k + '/bare':>22}: {ratio:.3f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
