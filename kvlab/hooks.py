@@ -139,10 +139,11 @@ class _Ledger:
         d[key] = value if d[key] is None else d[key] + value
 
     def quantized(self, layer: int, kind: str, x: torch.Tensor, q: Quantized, replace: bool = False) -> None:
-        diff = (q.x.float() - x.float())
+        diff = q.x.float() - x.float()
         if q.keep is not None:  # evicted tokens: their error is eviction, not quantization
             diff = diff * q.keep[..., None]
-        err2, norm2 = diff.pow(2).sum(), x.float().pow(2).sum()
+        err2 = torch.linalg.vector_norm(diff, dtype=torch.float32) ** 2
+        norm2 = torch.linalg.vector_norm(x, dtype=torch.float32) ** 2
         if replace:
             self.region[(layer, kind)] = (q.bits, err2, norm2)
         else:
@@ -317,12 +318,13 @@ class Session:
         if self.phase == "stats" or not self._finite:
             return None
         dev = self._finite[0].device               # layers may sit on several devices (device_map)
-        flags = torch.stack([f.to(dev, non_blocking=True) for f in self._finite])   # one host sync per forward
+        sums = torch.stack([f.to(dev, non_blocking=True) for f in self._finite])   # one host sync per forward
         self._finite.clear()
+        flags = torch.isfinite(sums)
         if not bool(flags.all()):
             bad = (~flags).nonzero()[0].tolist()
-            what = ["keys", "values", "quantized keys (method output)", "quantized values (method output)"][bad[1]]
-            layer = self._finite_layers[bad[0]]
+            layer, names = self._finite_layers[bad[0]]
+            what = names[bad[1]]
             raise KVLabError(f"non-finite values (NaN or inf) in the {what} of layer {layer}. Check the model "
                              "dtype (fp16 overflow?), the input, or the method's configuration.")
         return None
@@ -332,7 +334,7 @@ class Session:
             self.ledger.count(*key, n, fp)
         self.stats = [None] * self.n_layers
         self.precomputed = None
-        self._finite_layers: list[int] = []
+        self._finite_layers: list[tuple[int, tuple[str, str]]] = []
         for w in self.capture_what:
             for per_layer in self.captured[w]:
                 per_layer.append(None)           # a new sequence slot per layer
@@ -373,8 +375,8 @@ class Session:
             self._record("k", idx, k)
         if "v" in self.capture_what:
             self._record("v", idx, v)
-        self._finite.append(torch.stack([torch.isfinite(k).all(), torch.isfinite(v).all()]))
-        self._finite_layers.append(idx)
+        self._finite.append(_sums(k, v))
+        self._finite_layers.append((idx, ("keys", "values")))
         m = self.method
         if m is None:
             return k, v
@@ -424,9 +426,9 @@ class Session:
         q = self.method.quantize(x, ctx)
         if q.x.shape != x.shape:
             raise KVLabError(f"method '{self.method.spec}' returned shape {tuple(q.x.shape)} for {tuple(x.shape)}")
-        self._finite.append(torch.stack([torch.isfinite(q.x).all(), torch.ones((), dtype=torch.bool,
-                                                                                 device=x.device)]))
-        self._finite_layers.append(layer)
+        self._finite.append(_sums(q.x, None))
+        name = "keys" if kind == "k" else "values"
+        self._finite_layers.append((layer, (f"quantized {name} (output of {self.method.spec})", "")))
         self.ledger.quantized(layer, kind, x, q, replace=replace)
         self.info[layer][kind] = q.info
         return q
@@ -626,6 +628,12 @@ class Session:
 
     def __getitem__(self, what: str) -> list[torch.Tensor]:
         return self.captured_tensors(what)
+
+
+def _sums(k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """fp32 sums of K and V: finite exactly when every element is (NaN and inf propagate), one cheap pass."""
+    ks = torch.sum(k, dtype=torch.float32)
+    return torch.stack([ks, torch.sum(v, dtype=torch.float32) if v is not None else torch.zeros_like(ks)])
 
 
 def _pad_stat(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -215,3 +215,21 @@ def test_capture_retain_grad_gives_gradients():
         g = cap[what][0].grad
         assert g is not None and g.abs().sum() > 0, what
     m.zero_grad()
+
+
+@torch.no_grad()
+def test_nan_produced_by_a_method_is_named():
+    from dataclasses import dataclass
+    from kvlab.quant.base import Method, Quantized
+
+    @dataclass(frozen=True)
+    class Broken(Method):
+        name = "broken-test"
+
+        def quantize(self, x, ctx):
+            return Quantized(x / 0.0 * 0.0, torch.zeros((), device=x.device))
+
+    m = models.tiny("llama").model
+    with pytest.raises(KVLabError, match=r"quantized keys \(output of broken-test\) of layer 0"):
+        with quantize(m, Broken()):
+            m(_ids())
