@@ -35,6 +35,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not notebook" $(PYTEST_ARGS)
 
+# every notebook's figures on the embedded model, through the sweeps (skips configs already done)
+figures: setup
+	$(VENV)/bin/kvlab sweep sweeps/quickstart.yaml
+	for f in sweeps/0*.yaml; do $(VENV)/bin/kvlab sweep $$f || exit 1; done
+
 bench: setup
 	$(PY) benchmarks/bench_hooks.py
 

@@ -111,10 +111,9 @@ def _window_logits(lm: LoadedModel, method: Method, w: torch.Tensor, spec: EvalS
     p = spec.prefill if spec.prefill is not None else spec.window // 2
     cache = method.make_cache(lm.model.config) if getattr(method, "replaces_cache", False) else None
     out = lm.model(ids[:, :p], past_key_values=cache, use_cache=True)
+    if run is None:   # HF cache: account what the prefill stored, i.e. what the continuation is scored against
+        _HF_BITS.append(method.accounted_bits(out.past_key_values))
     cont = lm.model(ids[:, p:], past_key_values=out.past_key_values, use_cache=True)
-    if run is None:
-        run_bits = method.accounted_bits(out.past_key_values)
-        _HF_BITS.append(run_bits)
     full = torch.cat([out.logits[:, -1:], cont.logits[:, :-1]], dim=1)     # predicts tokens p .. window-1
     return torch.cat([torch.zeros_like(full[:, :1]).expand(1, p - 1, -1), full], dim=1)
 

@@ -584,7 +584,12 @@ class Session:
 
     # -- report -------------------------------------------------------------------------------------
     def _cache_counts(self) -> dict:
-        """Prefill-decode: element counts of the current cache (quantized vs fp16 tokens) per (layer, kind)."""
+        """Prefill-decode: element counts of the stored cache per (layer, kind): (elements, fp16 elements).
+
+        The tokens of the latest call are left out: they were attended to at full precision within
+        that call and have not been stored under the method's rules yet (the next call flushes
+        them). So the bits describe the cache the latest call was scored against.
+        """
         counts = {}
         if self.protocol != "prefill-decode" or self._cache is None or self.method is None:
             return counts
@@ -592,11 +597,13 @@ class Session:
             if not layer.is_initialized or layer.keys.numel() == 0:
                 continue
             b, h, T, d = layer.keys.shape
+            stored = T - min(layer.last_new, T)
             quantized = T - layer.pending - min(max(self.method.sink_tokens - layer.dropped, 0), T)
             if self.method.scope == "cache" and self.precomputed is None:
                 quantized = 0
+            quantized = max(min(quantized, stored), 0)
             for kind in "kv":
-                counts[(layer.layer_idx, kind)] = (T * b * h * d, (T - quantized) * b * h * d)
+                counts[(layer.layer_idx, kind)] = (stored * b * h * d, (stored - quantized) * b * h * d)
         return counts
 
     def layer_report(self):

@@ -30,6 +30,7 @@ class KVLabLayer:
         self.fp_keys: torch.Tensor | None = None
         self.fp_values: torch.Tensor | None = None
         self.n_seen = 0          # tokens ever added (sliding layers store fewer)
+        self.last_new = 0        # tokens added by the latest update (not yet part of the stored cache)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         session = self._kvlab
@@ -37,6 +38,7 @@ class KVLabLayer:
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         new = key_states.shape[-2]
         self.n_seen += new
+        self.last_new = new
         stored = self.get_seq_length()
         self.pending = min(self.pending + new, stored)
         if self.keep is not None:

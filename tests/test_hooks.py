@@ -73,8 +73,21 @@ def test_fake_changes_prefill_prefill_decode_only_continuation(tiny):
         cont_q = m(cont, past_key_values=out.past_key_values).logits
     assert not torch.equal(cont_q, ref_cont)
     s = run.summary()
-    # 24 context tokens stored at 2 bits + fp16 scale/zero per 16-element token, 16 continuation tokens fp16
-    assert s["avg_bits"] == pytest.approx((24 * (2 + 32 / 16) + 16 * 16) / 40)
+    # the cache the continuation was scored against: 24 context tokens at 2 bits + fp16 scale and zero
+    # per 16-element token vector (the 16 continuation tokens are not stored yet)
+    assert s["avg_bits"] == pytest.approx(2 + 32 / 16)
+
+
+@torch.no_grad()
+def test_prefill_decode_accounting_with_residual_window():
+    m = models.tiny("llama").model
+    ids = _ids(1, 40)
+    with torch.no_grad(), quantize(m, "int:bits=2,residual=8", protocol="prefill-decode") as run:
+        past = m(ids[:, :24]).past_key_values
+        m(ids[:, 24:36], past_key_values=past)      # flushes 16 of the 24 stored tokens (8 stay fp16)
+        assert run.summary()["avg_bits"] == pytest.approx((16 * 4 + 8 * 16) / 24)
+        m(ids[:, 36:], past_key_values=past)        # now 36 stored: 28 quantized, 8 fp16
+        assert run.summary()["avg_bits"] == pytest.approx((28 * 4 + 8 * 16) / 36)
 
 
 @torch.no_grad()
