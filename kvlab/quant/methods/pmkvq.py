@@ -48,7 +48,7 @@ import torch
 from ...errors import KVLabError
 from ..allocation import allocate_bits
 from ..base import LayerContext, Method, Quantized, check_choice, check_range
-from ..primitives import quantize_uniform
+from ..primitives import fp16_bits, quantize_uniform
 from ..registry import preset, register
 
 ALLOCATIONS = ("sensitivity", "uniform")
@@ -143,7 +143,10 @@ class PMKVQ(Method):
         g = min(self.group, d)
         if d % g:
             raise KVLabError(f"pmkvq: group={self.group} does not divide head_dim={d}; use a divisor of {d}")
-        xh, total_bits = quantize_uniform(x, bits, dim=-1, group=g)
+        if bits >= 16:   # the progressive cache starts at full precision: stored as fp16, no scales
+            xh, total_bits = x, fp16_bits(x)
+        else:
+            xh, total_bits = quantize_uniform(x, bits, dim=-1, group=g)
         return Quantized(xh, total_bits, info={"bits": bits, "over_budget": over,
                                                "budget_bits": self.allocated_bits(ctx.num_layers)[ctx.layer]})
 
