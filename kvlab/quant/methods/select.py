@@ -161,6 +161,14 @@ class Select(Method):
         return bool(getattr(self._inner, "needs_calibration", False))
 
     @property
+    def sink(self) -> int:
+        return self._inner.sink_tokens
+
+    @property
+    def residual(self) -> int:
+        return self._inner.residual_tokens
+
+    @property
     def sink_tokens(self) -> int:
         return self._inner.sink_tokens
 
