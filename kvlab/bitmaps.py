@@ -225,9 +225,9 @@ def progressive_schedule(method, num_layers: int, lengths: Iterable[int], head_d
         q = max(T - m.sink_tokens - m.residual_tokens, 0)
         for layer in range(num_layers):
             bits, over = m.layer_bits(layer, num_layers, T, q) if q else (m.init_bits, False)
-            if bits not in meta:
+            if bits not in meta:     # as PMKVQ.quantize: full width is stored as plain fp16, no scales
                 _, tot = quantize_uniform(torch.zeros(1, 1, 1, head_dim), bits, dim=-1, group=g)
-                meta[bits] = float(tot) / head_dim - bits
+                meta[bits] = 0.0 if bits >= 16 else float(tot) / head_dim - bits
             avg = ((bits + meta[bits]) * q + 16.0 * (T - q)) / T if T else float("nan")
             rows.append(dict(layer=layer, tokens=T, quantized=q, bits=bits if q else float("nan"),
                              budget_bits=alloc[layer], over_budget=bool(over), avg_bits=avg))

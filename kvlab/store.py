@@ -50,7 +50,7 @@ __all__ = ["Store", "load", "default_path", "result_key", "add_cli", "RESULT_VER
 APP_ID = "kvlab-results"
 SCHEMA_VERSION = 1
 #: Bump when a change in kvlab makes earlier results incomparable; it is part of every key.
-RESULT_VERSION = 1
+RESULT_VERSION = 2   # 2: prefill-decode bits count the stored context only
 #: The fields that identify a result (with the result version).
 KEY_FIELDS = ("model", "data", "method", "protocol", "metric")
 _BASE_COLUMNS = (*KEY_FIELDS, "value")

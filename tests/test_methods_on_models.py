@@ -26,7 +26,7 @@ def _run(lm, spec, protocol):
     method = parse(spec)
     m = lm.model
     if getattr(method, "replaces_cache", False):
-        pytest.skip("HF QuantizedCache comparators run through kvlab.evaluate (see test_hf_cache)")
+        pytest.skip("HF QuantizedCache comparators replace the cache: covered by test_qaq_qhitter_pmkvq.py and notebook 05")
     if getattr(method, "needs_calibration", False):
         method.calibrate(m, _ids(64))
     ids = _ids()

@@ -160,6 +160,9 @@ def test_pmkvq_schedule_matches_session(lm):
     merged = sched.merge(meas, left_on=["layer", "tokens"], right_on=["layer", "prefill"])
     assert len(merged) == 8
     assert (merged["bits_x"] == merged["bits_y"]).all(), merged
+    # bits per element of the stored cache: the schedule's accounting equals the session's report
+    assert merged["avg_bits"].to_numpy() == pytest.approx(merged["k_bits"].to_numpy(), abs=1e-6)
+    assert merged["avg_bits"].to_numpy() == pytest.approx(merged["v_bits"].to_numpy(), abs=1e-6)
     assert sorted(set(sched["bits"])) == [2, 4, 8, 16]   # halves as the cache grows past its budget
 
 
