@@ -289,7 +289,7 @@ class Explorer:
     def refresh(self):
         """Recompute for the controls' current values and show the new figure (errors go to the status line)."""
         import matplotlib.pyplot as plt
-        from IPython.display import Image, display
+        from IPython.display import Image
 
         state = self.state()
         self.status.value = "<i>computing ...</i>"
@@ -302,9 +302,10 @@ class Explorer:
         fig.savefig(buf, format="png", dpi=80)
         plt.close(fig)
         self.figure = fig
-        with self.out:
-            self.out.clear_output(wait=True)
-            display(Image(data=buf.getvalue(), format="png"))
+        # set the Output widget's state directly: no `with out:` capture (its parent-message routing has
+        # been seen to lose the cell's execute_reply under ipykernel 7, hanging papermill/nbclient)
+        self.out.outputs = ()
+        self.out.append_display_data(Image(data=buf.getvalue(), format="png"))
         m = self.last["metrics"]
         self.status.value = (f"<code>{self.last['spec']}</code> &middot; ppl {m['ppl']:.3f} &middot; "
                              f"KL {m['kl']:.4g} &middot; {m['avg_bits']:.2f} bits")
