@@ -237,7 +237,7 @@ class Explorer:
         self.controls = c = {
             "method": W.Dropdown(options=list(self.methods), value=d["method"], description="method", style=style),
             "protocol": W.ToggleButtons(options=list(PROTOCOLS), value=d["protocol"], description="protocol",
-                                        style=style),
+                                        style={**style, "button_width": "110px"}),
             "bits": W.IntSlider(value=d["bits"], min=2, max=8, step=1, description="bits", continuous_update=False,
                                 style=style),
             "outliers": W.SelectionSlider(options=[(f"{100 * r:g}%", r) for r in OUTLIER_RATIOS],
