@@ -405,9 +405,6 @@ class Session:
         v = self._quantize_chunk(idx, "v", v, start, layer)
         return k, v
 
-    def after_store(self, layer: KVLabLayer, keys, values, new: int):
-        return keys, values
-
     # -- quantization -------------------------------------------------------------------------------
     def _ctx(self, layer: int, kind: str, s: int, e: int, total: int) -> LayerContext:
         st = self.stats[layer]

@@ -43,7 +43,7 @@ class KVLabLayer:
         self.pending = min(self.pending + new, stored)
         if self.keep is not None:
             self.keep = _fit(self.keep, stored, True)
-        return session.after_store(self, keys, values, new)
+        return keys, values
 
     @property
     def dropped(self) -> int:
@@ -83,6 +83,3 @@ class KVLabCache(DynamicCache):
             ours.kvlab_init(session, i)
             self.layers[i] = ours
 
-
-def fit_token_mask(t: torch.Tensor, length: int) -> torch.Tensor:
-    return _fit(t, length, True)
