@@ -67,22 +67,29 @@ def test_embedded_cache_corruption_is_detected_and_rebuilt(monkeypatch, tmp_path
 
 
 @pytest.mark.integration
-def test_embedded_fp_perplexity_is_sane(embedded):
-    from kvlab.evaluate import evaluate
-    res = evaluate(embedded, "fp16", data="wiki", n_tokens=8 * 512, window=512, progress=False)
+def test_embedded_fp_perplexity_is_sane(embedded, monkeypatch):
+    from kvlab import evaluation
+    # kl == 0 and top1 == 1 are exact only against a reference computed by this process's kernels: a
+    # cached one (data/cache/, a cache shared between machines) may come from another BLAS/SIMD path,
+    # a few ulp off. So the reference is computed here (in memory, not read from or written to disk).
+    monkeypatch.setenv("KVLAB_REFERENCE_CACHE", "0")
+    monkeypatch.setattr(evaluation, "_FP_LOGITS", {})
+    res = evaluation.evaluate(embedded, "fp16", data="wiki", n_tokens=8 * 512, window=512, progress=False)
     assert 8 < res.metrics["ppl"] < 30, res.metrics     # ~15 measured; a broken model gives thousands
     assert res.metrics["kl"] == 0 and res.metrics["top1"] == 1
 
 
 @pytest.mark.integration
 def test_embedded_uniform_ordering_and_prefill_decode(embedded):
-    from kvlab.evaluate import compare
+    from kvlab.tasks import compare
     df = compare(embedded, ["fp16", "int8", "int4", "int2"], n_tokens=1024, window=512, progress=False)
     ppl = dict(zip(df["method"], df["ppl"]))
+    # measured: fp16 14.46, int8 14.44 (0.13% off: 15x inside 2%), int4 15.98 (+10%), int2 490
     assert abs(ppl["int:bits=8"] - ppl["fp16"]) / ppl["fp16"] < 0.02
     assert ppl["fp16"] < ppl["int:bits=4"] < ppl["int:bits=2"]
     pd_df = compare(embedded, ["fp16", "int2"], n_tokens=1024, window=1024, protocol="prefill-decode",
                     progress=False)
+    # fp16 against a reference maybe computed elsewhere: KL ~ (logit rounding)^2 << 1e-6; int2: 1.59 measured
     assert pd_df["kl"].iloc[0] < 1e-6 and pd_df["kl"].iloc[1] > 1e-3
 
 

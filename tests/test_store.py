@@ -173,7 +173,10 @@ def test_foreign_sqlite_is_refused_and_untouched(tmp_path):
 
 
 def test_results_cli(store_path, tmp_path, capsys):
-    from kvlab.store import main
+    from kvlab.cli import main as cli_main
+
+    def main(argv):
+        return cli_main(["results", *argv])
 
     st = Store(store_path)
     st.put("m", "wiki", "int4", "fake-quant", "ppl", 15.0, config={"bits": 4})
