@@ -39,19 +39,16 @@ __all__ = ["bit_map", "keep_map", "attention_map", "layer_view", "bits_table", "
 
 # ----------------------------------------------------------------------------- session maps
 def _layers(session):
-    cache = getattr(session, "_cache", None)
+    cache = session.cache
     if cache is None or not getattr(cache, "layers", None):
         raise KVLabError("the session has no cache yet: run the model inside the `kvlab.quantize` block first")
     return cache.layers
 
 
 def _span(session, layer) -> tuple[int, int, int]:
-    """(start, end, T) of the tokens the method quantized in this cache layer."""
-    m = session.method
-    T = layer.get_seq_length()
-    s = min(max(m.sink_tokens - getattr(layer, "dropped", 0), 0), T)
-    e = T if session.protocol == "fake" else max(s, T - layer.pending)
-    return s, e, T
+    """(start, end, T) of the tokens the method quantized in this cache layer (the protocol's spans)."""
+    spans = session.token_spans(layer.layer_idx)
+    return spans.sink_end, spans.quantized_end, spans.length
 
 
 def keep_map(session, batch: int = 0) -> torch.Tensor:
@@ -270,25 +267,23 @@ def compare_matched(lm, methods, spec, candidates=None, store=None, progress: bo
     `uniform_candidates`) whose average bits is nearest the method's (`kvlab.evaluate`'s avg_bits: in
     prefill-decode, the stored context the continuation was scored against), on the same windows.
     One row per method: label, method, protocol, bits, ppl, kl, top1, avg_bits_k, avg_bits_v, then uniform, u_bits, u_ppl, u_kl, u_top1 and d_kl = kl - u_kl. Uniform configs shared by
-    several methods are evaluated once. With `store`, every evaluation is written to it.
+    several methods are evaluated once. With `store`, results it holds are read back (`run_task`) and
+    every new evaluation is written to it.
     """
     import pandas as pd
-    from .evaluate import evaluate, write_result
-    from .quant.registry import parse
 
-    cfg = lm.model.config.get_text_config(decoder=True) if hasattr(lm.model.config, "get_text_config") else lm.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cand = candidates if candidates is not None else uniform_candidates(head_dim)
+    from .quant.registry import parse
+    from .tasks import Perplexity, run_task
+
+    cand = candidates if candidates is not None else uniform_candidates(lm.head_dim)
+    task = Perplexity(spec)
     done: dict[str, dict] = {}
 
     def run(m):
         key = parse(m).spec
-        if key not in done:
-            res = evaluate(lm, m, spec, progress=progress)
-            if store is not None:
-                write_result(store, res, spec)
-            row = dict(res.metrics, window=spec.window, prefill=spec.prefill)
-            row["bits"] = float(row["avg_bits"])
+        if key not in done:       # run_task: read from the store when it holds the result, else evaluate
+            row = run_task(lm, task, [m], store=store, progress=progress).iloc[0].to_dict()
+            row.update(window=spec.window, prefill=spec.prefill, bits=float(row["avg_bits"]))
             done[key] = row
         return done[key]
 

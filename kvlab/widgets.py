@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 
 from .errors import KVLabError
-from .evaluate import EvalSpec, evaluate
+from .evaluation import EvalSpec, evaluate
 from .models import LoadedModel
 from .quant.base import LayerContext
 from .quant.methods.select import select_spec
@@ -61,7 +61,7 @@ class Explorer:
         self.methods = dict(methods or METHODS)
         if not self.methods:
             raise KVLabError("explorer: give at least one method template")
-        from .hooks import find_attention
+        from .core.arch import find_attention
 
         self.n_layers = len(find_attention(lm.model))
         self.defaults = dict(method=method or next(iter(self.methods)), bits=int(bits), outliers=float(outliers),

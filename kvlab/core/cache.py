@@ -1,7 +1,7 @@
 """The cache-layer interception point: a transformers cache whose layers store what a method returns.
 
-`make_cache(model, session)` builds the model's own `DynamicCache(config=...)` (so sliding-window
-layers stay sliding) and turns every layer into a subclass of its class with `KVLabLayer` mixed in.
+`KVLabCache(config, session)` is the model's own `DynamicCache(config=config)` (so sliding-window
+layers stay sliding) with every layer swapped for a subclass of its class with `KVLabLayer` mixed in.
 Each `update(k, v)` hands the new post-RoPE keys and values to the session, which quantizes,
 records or defers them; the layer itself only keeps the bookkeeping the protocols need:
 
@@ -15,8 +15,32 @@ records or defers them; the layer itself only keeps the bookkeeping the protocol
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicCache
+
+
+@dataclass(frozen=True)
+class TokenSpans:
+    """How one layer's stored tokens [0, length) split under a method and protocol.
+
+    [0, sink_end) full-precision sink tokens; [sink_end, quantized_end) stored under the method's
+    rule; [quantized_end, length) full precision, not yet quantized (the residual window and the
+    tokens of the latest call in prefill-decode). Positions count stored tokens (a sliding-window
+    layer stores fewer than it has seen)."""
+
+    sink_end: int
+    quantized_end: int
+    length: int
+
+    @property
+    def n_quantized(self) -> int:
+        return self.quantized_end - self.sink_end
+
+    @property
+    def n_fp(self) -> int:
+        return self.length - self.n_quantized
 
 
 class KVLabLayer:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .quant.base import AttentionStats
+from ..quant.base import AttentionStats
 
 QUERY_CHUNK = 256
 
@@ -102,3 +102,25 @@ def wrapped_attention(original_name: str) -> Callable:
 
     kvlab_attention.__name__ = f"kvlab_{original_name}"
     return kvlab_attention
+
+
+def _pad_stat(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(*t.shape[:-1], n - t.shape[-1])], dim=-1)
+
+
+def accumulate_stats(old: AttentionStats | None, new: AttentionStats) -> AttentionStats:
+    """Add a call's statistics to the layer's running ones (keys appended since are zero-padded)."""
+    if old is None or old.received_sum.shape[-1] > new.received_sum.shape[-1]:
+        return new
+    n = new.received_sum.shape[-1]
+    return AttentionStats(_pad_stat(old.received_sum, n) + new.received_sum,
+                          torch.maximum(_pad_stat(old.received_max, n), new.received_max),
+                          torch.maximum(old.query_norm, new.query_norm), new.n_recent)
+
+
+def slice_stats(st: AttentionStats, s: int, e: int) -> AttentionStats:
+    """The statistics of key tokens s..e (tokens beyond what was measured count as never attended)."""
+    n = st.received_sum.shape[-1]
+    return AttentionStats(st.received_sum[..., s:e] if e <= n else _pad_stat(st.received_sum, e)[..., s:e],
+                          st.received_max[..., s:e] if e <= n else _pad_stat(st.received_max, e)[..., s:e],
+                          st.query_norm, st.n_recent)

@@ -1,0 +1,59 @@
+"""Methods that bring their own transformers cache (HF QuantizedCache comparators), driven by the session.
+
+Such a method (`replaces_cache = True`) builds a fresh cache per sequence (`make_cache(config)`),
+which the session supplies as `past_key_values` exactly where it would supply a `KVLabCache`; the
+cache quantizes on its own. Its bits are read from the cache's state (`accounted_bits(cache)`)
+before every later call of a sequence, so, as for kvlab's own methods in prefill-decode, they
+describe the cache the latest call was scored against; finished sequences keep their last record.
+"""
+from __future__ import annotations
+
+import math
+
+from ..quant.base import Method
+
+
+class ExternalCache:
+    """The bookkeeping of a cache-replacing method inside a session."""
+
+    def __init__(self, method: Method, config):
+        self.method, self.config = method, config
+        self.records: list[dict] = []             # one per finished sequence
+        self.current: dict | None = None          # the live sequence's cache, before its latest call
+        self.current_layers: list[dict] = []      # the same, per layer
+
+    def new_cache(self):
+        """Close the current sequence and build the cache of the next one."""
+        if self.current is not None:
+            self.records.append(self.current)
+        self.current, self.current_layers = None, []
+        return self.method.make_cache(self.config)
+
+    def before_call(self, cache) -> None:
+        """A later call of the sequence is about to read `cache`: record what it stores."""
+        self.current = self.method.accounted_bits(cache)
+        self.current_layers = self.method.accounted_layers(cache)
+
+    def summary(self) -> dict:
+        records = self.records + ([self.current] if self.current is not None else [])
+        nan = float("nan")
+        bits = self.method.average_bits(records) if records else {"avg_bits_k": nan, "avg_bits_v": nan,
+                                                                   "avg_bits": nan}
+        packed = sum(r["packed_bytes"] for r in records) if records else nan
+        return {**bits, "packed_bytes": packed, "k_rel_err": nan, "v_rel_err": nan, "attn_rel_err": nan}
+
+    def layer_report(self):
+        """Per layer of the live sequence's cache before its latest call: bits per element of K and V
+        (the errors are not observable from outside the cache: NaN)."""
+        import pandas as pd
+
+        rows = []
+        for r in self.current_layers:
+            row = {"layer": r["layer"]}
+            for kind in "kv":
+                e = r[f"{kind}_elems"]
+                row.update({f"{kind}_bits": r[f"{kind}_bits"] / e if e else math.nan, f"{kind}_rel_err": math.nan,
+                            f"{kind}_total_bits": r[f"{kind}_bits"], f"{kind}_elems": e})
+            row["attn_rel_err"] = math.nan
+            rows.append(row)
+        return pd.DataFrame(rows)
