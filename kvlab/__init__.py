@@ -19,9 +19,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoadedModel": "models", "load": "models", "tiny": "models",
     "quantize": "hooks", "capture": "hooks",
-    "EvalSpec": "evaluate", "compare": "evaluate",
+    "EvalSpec": "evaluation", "evaluate": "evaluation", "compare": "tasks", "run_task": "tasks",
+    "Store": "store", "calibrate": "calibration",
 }
-_SUBMODULES = {"quant", "data", "models", "hooks", "evaluate", "metrics", "store", "sweep", "plots", "notebook"}
+_SUBMODULES = {"quant", "data", "models", "hooks", "evaluation", "calibration", "core", "protocols", "metrics",
+               "store", "sweep", "plots", "notebook", "tasks", "choice", "summarize", "retrieval"}
 __all__ = ["KVLabError", "__version__", *_LAZY, *sorted(_SUBMODULES)]
 
 

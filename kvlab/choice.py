@@ -5,10 +5,10 @@ TruthfulQA scored the lm-evaluation-harness way: every choice is a continuation 
 log-likelihood is the sum of its tokens' log-probabilities, the prediction is the argmax (`acc`), or
 the argmax of log-likelihood per character of the choice (`acc_norm`).
 
-    from kvlab.choice import evaluate_choice, compare_choice
+    from kvlab.choice import evaluate_choice
     res = evaluate_choice(lm, "kivi-2", task="cloze-wiki", n=100, protocol="fake")
     res.metrics["acc"], res.metrics["acc_ci_low"], res.details      # details: one row per example
-    df = compare_choice(lm, ["fp16", "int4", "kivi-2"], task="cloze-wiki", n=100)
+    df = kvlab.run_task(lm, "cloze-wiki", ["fp16", "int4", "kivi-2"], n=100)     # several methods
 
 Tasks (`examples(task, n, seed)`; each example {"id", "context", "choices", "label"}, choices with
 a leading space as lm-eval writes them):
@@ -41,15 +41,16 @@ import torch
 from . import data as data_mod
 from .diskcache import cached, model_fingerprint
 from .errors import KVLabError
-from .evaluate import EvalResult, write_metrics
-from .hooks import PROTOCOLS, quantize
+from .evaluation import EvalResult
+from .hooks import quantize
+from .protocols import PROTOCOLS, check_protocol
 from .metrics import accuracy_ci
 from .models import LoadedModel
 from .quant.base import Method
 from .quant.registry import parse
-from .retrieval import calibrate
+from .calibration import TASK_TOKENS, calibrate
 
-__all__ = ["TASKS", "HF_SOURCES", "examples", "cloze_wiki", "data_key", "evaluate_choice", "compare_choice",
+__all__ = ["TASKS", "HF_SOURCES", "examples", "cloze_wiki", "data_key", "evaluate_choice",
            "ChoiceResult"]
 
 #: (path, config, split) per online task; edit to point a task at a mirror.
@@ -220,19 +221,15 @@ def _encode_pair(tok: Any, context: str, choice: str) -> tuple[list[int], list[i
 
 
 @torch.no_grad()
-def _loglik(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: str, method: Method | None = None,
-            bits: list | None = None) -> torch.Tensor:
-    """Summed log-probability (0-d device tensor) of `cont` [1, C] after `ctx` [1, T]. An HF cache method
-    gets a fresh cache and appends what its prefill stored (what the choice is scored against) to `bits`."""
+def _loglik(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: str) -> torch.Tensor:
+    """Summed log-probability (0-d device tensor) of `cont` [1, C] after `ctx` [1, T], under whatever
+    session is installed: one teacher-forced forward (fake), or the context stored first and the choice
+    scored against that cache (prefill-decode)."""
     n = cont.shape[1]
     if protocol == "fake":
         logits = lm.model(torch.cat([ctx, cont[:, :-1]], 1), logits_to_keep=n).logits
     else:
-        hf = getattr(method, "replaces_cache", False)
-        out = lm.model(ctx, past_key_values=method.make_cache(lm.model.config) if hf else None, use_cache=True,
-                       logits_to_keep=1)
-        if hf:
-            bits.append(method.accounted_bits(out.past_key_values))
+        out = lm.model(ctx, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1:]
         if n > 1:
             nxt = lm.model(cont[:, :-1], past_key_values=out.past_key_values, use_cache=True).logits
@@ -245,15 +242,12 @@ def _all_logliks(lm: LoadedModel, method: Method | None, enc: list, protocol: st
     bits per stored K/V element (16 for the bare model, `method=None`)."""
     from tqdm.auto import tqdm
 
-    hf = getattr(method, "replaces_cache", False)
-    ctx = contextlib.nullcontext() if method is None or hf else quantize(lm.model, method, protocol=protocol)
-    out, bits = [], []
+    ctx = contextlib.nullcontext() if method is None else quantize(lm.model, method, protocol=protocol)
+    out = []
     with ctx as run:
         for c, conts in tqdm(enc, desc=desc, disable=not progress, leave=False):
-            out.append(torch.stack([_loglik(lm, c, cont, protocol, method, bits) for cont in conts]))
+            out.append(torch.stack([_loglik(lm, c, cont, protocol) for cont in conts]))
     lls = torch.cat(out).double().cpu()      # the one host transfer
-    if hf:
-        return lls, method.average_bits(bits)["avg_bits"]
     return lls, run.summary()["avg_bits"] if run is not None else 16.0
 
 
@@ -287,9 +281,7 @@ def evaluate_choice(lm: LoadedModel, method: Method | str = "fp16", task: str = 
     if lm.tokenizer is None:
         raise KVLabError("evaluate_choice needs a model with a tokenizer")
     method = parse(method)
-    if getattr(method, "replaces_cache", False) and protocol != "prefill-decode":
-        raise KVLabError(f"'{method.spec}' replaces the whole cache (HF QuantizedCache): its prefill attends to "
-                         "full-precision K/V, so score it with protocol='prefill-decode'")
+    check_protocol(method, protocol)
     exs = examples(task, n, seed)
     pairs = [[_encode_pair(lm.tokenizer, e["context"], c) for c in e["choices"]] for e in exs]
     dev = lambda ids: torch.tensor([ids], dtype=torch.long, device=lm.device)  # noqa: E731
@@ -299,7 +291,7 @@ def evaluate_choice(lm: LoadedModel, method: Method | str = "fp16", task: str = 
            "dtype": str(next(lm.model.parameters()).dtype), "tokens": digest}
     ref = cached("reference", key, lambda: {"loglik": _all_logliks(lm, None, enc, protocol, progress, "fp")[0]})
     ref = ref["loglik"].double()
-    method = calibrate(lm, method)
+    method = calibrate(lm, method, n_tokens=TASK_TOKENS)
     t0 = time.perf_counter()
     lls, avg_bits = _all_logliks(lm, method, enc, protocol, progress, method.spec)
     seconds = time.perf_counter() - t0
@@ -330,22 +322,3 @@ def evaluate_choice(lm: LoadedModel, method: Method | str = "fp16", task: str = 
                             "loglik": [t.tolist() for t in lls.split(k.tolist())],
                             "loglik_fp": [t.tolist() for t in ref.split(k.tolist())]})
     return ChoiceResult(metrics, None, [], details)
-
-
-def compare_choice(lm: LoadedModel, methods: Iterable[Method | str], task: str = "cloze-wiki", n: int | None = 100,
-                   store=None, **kw):
-    """`evaluate_choice` for several methods on the same examples: one DataFrame row per method.
-
-    With `store` (a `kvlab.store.Store`), each method's metrics are written as soon as it finishes
-    (config: task, n, seed), so an interrupted comparison keeps the finished methods.
-    """
-    import pandas as pd
-
-    rows = []
-    for m in methods:
-        res = evaluate_choice(lm, m, task=task, n=n, label=m if isinstance(m, str) else None, **kw)
-        rows.append(res.metrics)
-        if store is not None:
-            write_metrics(store, res.metrics, {"task": task, "n": n, "seed": kw.get("seed", 0)})
-    return pd.DataFrame(rows)
-

@@ -1,6 +1,6 @@
 """Retrieval under a quantized KV cache: passkey / needle accuracy and greedy generation agreement.
 
-The protocol is the deployed one (design.md section 3, "prefill then decode"): the prompt is
+The protocol is the deployed one (docs/design.md section 3, "prefill then decode"): the prompt is
 prefilled at full precision, its cache is stored by the method (quantized, evicted), and the answer
 is greedy-generated token by token against that cache; a passkey counts as retrieved when the
 digits generated first are exactly the key. (The first answer token comes from the prefill's
@@ -18,7 +18,6 @@ the only host transfer is the generated tokens at the end of each batch.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from typing import Iterable, Sequence
@@ -27,13 +26,15 @@ import torch
 
 from . import data as data_mod
 from .errors import KVLabError
-from .hooks import PROTOCOLS, quantize
+from .calibration import calibrate
+from .hooks import quantize
+from .protocols import check_protocol
 from .models import LoadedModel
 from .quant.base import Method
 from .quant.registry import parse
 
 __all__ = ["exact_length_passkey", "generate", "passkey_accuracy", "compare_retrieval", "generation_agreement",
-           "calibrate", "write_accuracy", "example_seed"]
+           "write_accuracy", "example_seed"]
 
 
 # ----------------------------------------------------------------------------- examples
@@ -68,26 +69,16 @@ def example_seed(seed: int, context: int, depth: float, i: int) -> int:
 
 
 # ----------------------------------------------------------------------------- generation
-def _method_context(lm: LoadedModel, method: Method, protocol: str):
-    if getattr(method, "replaces_cache", False):
-        if protocol != "prefill-decode":
-            raise KVLabError(f"'{method.spec}' replaces the whole cache (HF QuantizedCache): generate with "
-                             "protocol='prefill-decode'")
-        return contextlib.nullcontext()
-    return quantize(lm.model, method, protocol=protocol)
-
-
 @torch.no_grad()
 def generate(lm: LoadedModel, method: Method | str, input_ids: torch.Tensor, max_new_tokens: int,
              protocol: str = "prefill-decode") -> torch.Tensor:
     """Greedy continuation [b, max_new_tokens] of equal-length prompts `input_ids` [b, T] under `method`.
 
-    kvlab methods run inside `kvlab.quantize(..., protocol)`; HF QuantizedCache comparators get a fresh
-    cache as `past_key_values`. `fp16` gives exactly the tokens of plain greedy `model.generate`.
+    Runs inside `kvlab.quantize(..., protocol)` (HF QuantizedCache comparators too: the session
+    supplies their cache). `fp16` gives exactly the tokens of plain greedy `model.generate`.
     """
-    if protocol not in PROTOCOLS:
-        raise KVLabError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     method = parse(method)
+    check_protocol(method, protocol)
     ids = input_ids.to(lm.device)
     if ids.dim() == 1:
         ids = ids[None]
@@ -98,9 +89,7 @@ def generate(lm: LoadedModel, method: Method | str, input_ids: torch.Tensor, max
         eos = getattr(lm.model.generation_config, "eos_token_id", None)
         pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
     kwargs["pad_token_id"] = pad
-    if getattr(method, "replaces_cache", False):
-        kwargs["past_key_values"] = method.make_cache(lm.model.config)
-    with _method_context(lm, method, protocol):
+    with quantize(lm.model, method, protocol=protocol):
         out = lm.model.generate(ids, **kwargs)
     return out[:, ids.shape[-1]:]
 
@@ -133,8 +122,7 @@ def passkey_accuracy(lm: LoadedModel, method: Method | str = "fp16", context_len
         raise KVLabError("passkey_accuracy needs a model with a tokenizer")
     spec_label = label or (method if isinstance(method, str) else parse(method).spec)
     m = parse(method)
-    if getattr(m, "needs_calibration", False) and getattr(m, "_calib", None) is None:
-        m = calibrate(lm, m, calib_data, calib_tokens, min(512, calib_tokens))
+    m = calibrate(lm, m, calib_data, calib_tokens, min(512, calib_tokens))
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -196,16 +184,6 @@ def generation_agreement(lm: LoadedModel, method: Method | str, input_ids: torch
 
 
 # ----------------------------------------------------------------------------- helpers
-def calibrate(lm: LoadedModel, method: Method | str, data: str = "wiki", n_tokens: int = 1024, window: int = 512) -> Method:
-    """Parse `method` and, when it needs calibration (PM-KVQ sensitivity, KVQuant), fit it on the first
-    `n_tokens` tokens of `data` in windows of `window` (cached on disk by the method). Returns the method."""
-    m = parse(method)
-    if getattr(m, "needs_calibration", False):
-        ids = data_mod.windows(lm, data, n_tokens, window)
-        m.calibrate(lm.model, ids.to(lm.device))
-    return m
-
-
 def write_accuracy(store, lm: LoadedModel, df, haystack: str = "paulgraham") -> None:
     """Write per-cell passkey accuracy (metrics `passkey_exact`, `passkey_digits`) to a results store;
     data = `passkey:<haystack>:ctx=<context>,depth=<depth>,n=<examples>`."""

@@ -13,15 +13,16 @@ Every evaluation goes through `kvlab.evaluate`, so the fp reference logits are c
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable, Sequence
 
 from .errors import KVLabError
-from .evaluate import METRICS, EvalSpec, evaluate, write_result
+from .calibration import calibrate_many
+from .evaluation import EvalSpec
 from .models import LoadedModel
 from .quant.methods import select as _select  # noqa: F401  (registers "select")
 from .quant.methods.select import select_spec
 from .quant.registry import parse
+from .tasks import Perplexity, run_task
 
 RESULT_COLUMNS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err")
 
@@ -32,50 +33,22 @@ def _spec(spec: EvalSpec | None, spec_kwargs: dict) -> EvalSpec:
     return spec or EvalSpec(**spec_kwargs)
 
 
-def _from_store(store, lm: LoadedModel, method: str, spec: EvalSpec) -> dict | None:
-    """The stored metrics of (model, data, method, protocol), or None when any of ppl/kl/top1 is missing."""
-    if store is None:
-        return None
-    got = {}
-    for metric in METRICS:
-        v = store.value(lm.model_id, spec.key, method, spec.protocol, metric)
-        if v is not None:
-            got[metric] = v
-    return got if all(k in got for k in ("ppl", "kl", "top1")) else None
-
-
 def evaluate_many(lm: LoadedModel, methods: Iterable[str], spec: EvalSpec | None = None, store=None,
                   progress: bool = True, **spec_kwargs):
-    """Evaluate each method (spec string) on the same windows; one DataFrame row per method.
+    """The perplexity task for each method (spec string) on the same windows (`kvlab.tasks.run_task`).
 
     With a `kvlab.store.Store`, results already stored for (model, data, method, protocol) are read
     back instead of computed (column `cached` = True) and new ones are written as they finish.
     Columns: label (as given), method (canonical spec), ppl, kl, top1, avg_bits(_k/_v), k/v_rel_err,
-    seconds, cached.
+    seconds (the method's pass; NaN when cached), cached.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     spec = _spec(spec, spec_kwargs)
-    methods = list(methods)
-    parsed = [parse(m) for m in methods]       # every spec is checked before any model work
-    rows = []
-    for label, m in zip(tqdm(methods, desc="methods", disable=not progress, leave=False), parsed):
-        t0 = time.perf_counter()
-        hit = _from_store(store, lm, m.spec, spec)
-        if hit is not None:
-            row = {"label": label, "method": m.spec, **hit, "cached": True}
-        else:
-            res = evaluate(lm, m, spec, progress=False)
-            if store is not None:
-                write_result(store, res, spec)
-            row = {"label": label, **{k: res.metrics[k] for k in ("method", *RESULT_COLUMNS)}, "cached": False}
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    df = run_task(lm, Perplexity(spec), methods, store=store, progress=progress)
+    if "seconds" not in df:
+        df["seconds"] = float("nan")
+    df = df[["label", "method", *RESULT_COLUMNS, "seconds", "cached"]].copy()
     for c in RESULT_COLUMNS:
-        if c in df:
-            df[c] = df[c].astype(float)
+        df[c] = df[c].astype(float)
     return df
 
 
@@ -135,7 +108,7 @@ def sensitivity_matrix(df, metric: str = "kl", kind: str = "k"):
 
 
 def _layer_modules(lm: LoadedModel):
-    from .hooks import find_attention
+    from .core.arch import find_attention
 
     return find_attention(lm.model)
 
@@ -154,7 +127,8 @@ def outlier_grid(lm: LoadedModel, bits: Sequence[int] = (2, 3, 4),
 
     Each config is `kvquant:bits=b,outliers=r,nuq=true|false[,extra]` (e.g. extra="fisher=false").
     Calibration is shared: the calibration windows are captured once and every config is fitted
-    from that capture (`calibrate_kvquant`), then cached on disk as `kvlab.evaluate` expects.
+    from that capture (`kvlab.calibration.calibrate_many`), then cached on disk where each
+    `kvlab.evaluate` that follows reads it.
     `baseline` (a template with `{bits}`, or None) adds a plain uniform row per bit width.
     Returns a DataFrame: family ("nuq" / "int" / "baseline"), bits, outliers, method, ppl, kl, top1,
     avg_bits, ..., ppl_fp, delta_ppl.
@@ -169,8 +143,9 @@ def outlier_grid(lm: LoadedModel, bits: Sequence[int] = (2, 3, 4),
     methods = [m for *_, m in rows]
     for m in methods:
         parse(m)
-    todo = methods if store is None else [m for m in methods if _from_store(store, lm, parse(m).spec, spec) is None]
-    calibrate_kvquant(lm, todo, spec)
+    todo = methods if store is None else [m for m in methods if store.get_result(
+        lm.model_id, spec.key, parse(m).spec, spec.protocol, Perplexity.required) is None]
+    calibrate_many(lm, todo, data=spec.data, n_tokens=spec.calib_tokens, window=spec.window, skip=spec.n_tokens)
     fp = fp_reference(lm, spec, store)
     df = evaluate_many(lm, methods, spec, store=store, progress=progress)
     df.insert(0, "outliers", [r for _, _, r, _ in rows])
@@ -180,48 +155,3 @@ def outlier_grid(lm: LoadedModel, bits: Sequence[int] = (2, 3, 4),
     df["kl_fp"] = float(fp["kl"])
     df["delta_ppl"] = df["ppl"] - df["ppl_fp"]
     return df.drop(columns=["label"]).reset_index(drop=True)
-
-
-def calibration_ids(lm: LoadedModel, spec: EvalSpec):
-    """The calibration windows `kvlab.evaluate` uses for `spec`: [n, window] (after the eval tokens)."""
-    from . import data as data_mod
-
-    ids = data_mod.tokens(lm.tokenizer, spec.data, spec.n_tokens + spec.calib_tokens)[spec.n_tokens:]
-    n = len(ids) // spec.window
-    if n == 0:
-        raise KVLabError(f"calib_tokens={spec.calib_tokens} is smaller than one window ({spec.window})")
-    return ids[: n * spec.window].view(n, spec.window).to(lm.device)
-
-
-def calibrate_kvquant(lm: LoadedModel, methods: Iterable[str], spec: EvalSpec) -> int:
-    """Fit every KVQuant config among `methods` from ONE capture of the calibration windows.
-
-    Writes each fit to the on-disk calibration cache under the key `KVQuant.calibrate` computes for
-    the same (model, calibration ids, config), so the `kvlab.evaluate` that follows finds it there
-    instead of running the model again per config. Configs already cached are skipped; returns the
-    number of configs fitted. (Without this, each config calibrates itself: same numbers, slower.)
-    """
-    from .quant.calibration import cache_path, cached, model_fingerprint, tensor_digest
-    from .quant.methods.kvquant import KVQuant, _capture_kv
-
-    ms = []
-    for m in methods:
-        m = parse(m)
-        m = getattr(m, "inner_method", m)
-        if isinstance(m, KVQuant) and m.needs_calibration:
-            ms.append(m)
-    if not ms:
-        return 0
-    ids = calibration_ids(lm, spec)
-    base = {"model": model_fingerprint(lm.model), "input_ids": tensor_digest(ids)}
-    unique = {repr(sorted(m.calibration_key().items())): m for m in ms}        # configs sharing a calibration
-    missing = [m for m in unique.values() if not cache_path("kvquant", {**base, **m.calibration_key()}).exists()]
-    if not missing:
-        return 0
-    grads = any(m.nuq and m.fisher for m in missing)
-    keys, values, kg, vg = _capture_kv(lm.model, ids, grads=grads)
-    for m in missing:
-        cached("kvquant", {**base, **m.calibration_key()},
-               lambda m=m: m.fit(keys, values, kg if m.nuq and m.fisher else None,
-                                 vg if m.nuq and m.fisher else None))
-    return len(missing)

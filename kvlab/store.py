@@ -15,9 +15,7 @@ transaction it had open.
 
 Where the store lives: `Store(path)`; else `$KVLAB_STORE`; else `data/results.sqlite` of a source
 checkout (gitignored by `*.sqlite*`); else `~/.cache/kvlab/results.sqlite`.
-With `KVLAB_STORE_MODE=return` (set by `kvlab sweep --backend ray` inside its tasks) every store
-opened resolves to `$KVLAB_STORE`, whatever path the notebook passes: the task reads that file
-back and returns its rows to the driver, which alone writes the real store.
+`kvlab results` (`kvlab/cli.py`) prints or exports it.
 
     from kvlab.store import Store, load
     Store().put("smollm2", "wiki:512x4", "int4", "fake-quant", "ppl", 15.3, config={"bits": 4})
@@ -25,11 +23,11 @@ back and returns its rows to the driver, which alone writes the real store.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -45,7 +43,8 @@ from .paths import REPO_ROOT
 if TYPE_CHECKING:  # pandas is imported lazily: notebooks that only write should start fast
     import pandas as pd
 
-__all__ = ["Store", "load", "default_path", "result_key", "add_cli", "RESULT_VERSION", "KEY_FIELDS"]
+__all__ = ["Store", "load", "default_path", "result_key", "spec_fields", "canonical_json", "RESULT_VERSION",
+           "KEY_FIELDS", "HIDDEN_COLUMNS"]
 
 APP_ID = "kvlab-results"
 SCHEMA_VERSION = 1
@@ -54,6 +53,7 @@ RESULT_VERSION = 2   # 2: prefill-decode bits count the stored context only
 #: The fields that identify a result (with the result version).
 KEY_FIELDS = ("model", "data", "method", "protocol", "metric")
 _BASE_COLUMNS = (*KEY_FIELDS, "value")
+_IDENTITY = ("model", "data", "method", "protocol", "label")      # fields of a result that are not metrics
 _META_COLUMNS = ("extra", "version", "created", "kvlab_version", "host", "run", "key")
 _RUN_STATUS = ("ok", "failed")
 
@@ -92,11 +92,6 @@ def default_path() -> Path:
 
 
 def _resolve_path(path: str | os.PathLike | None) -> Path:
-    if os.environ.get("KVLAB_STORE_MODE", "").strip().lower() == "return":
-        env = os.environ.get("KVLAB_STORE")
-        if not env:
-            raise KVLabError("KVLAB_STORE_MODE=return needs $KVLAB_STORE (the task's temporary store file)")
-        return Path(env).expanduser()
     return Path(path).expanduser() if path is not None else default_path()
 
 
@@ -116,7 +111,7 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot store a {type(obj).__name__} as JSON: {obj!r}")
 
 
-def _canonical(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
     try:
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
     except (TypeError, ValueError) as e:
@@ -136,7 +131,7 @@ def _spec(x: Any, what: str) -> str:
     elif hasattr(x, "spec") and isinstance(getattr(x, "spec"), str):
         s = x.spec
     elif isinstance(x, (dict, list, tuple)):
-        s = _canonical(x)
+        s = canonical_json(x)
     else:
         s = str(x)
     if not s:
@@ -149,7 +144,7 @@ def result_key(model: Any, data: Any, method: Any, protocol: Any, metric: Any,
     """The stable key of a result: sha256 of the canonical JSON of its identifying fields."""
     fields = {k: _spec(v, k) for k, v in zip(KEY_FIELDS, (model, data, method, protocol, metric))}
     fields["version"] = int(version)
-    return hashlib.sha256(_canonical(fields).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
 
 
 def _now() -> str:
@@ -425,8 +420,8 @@ class Store:
         for name, m in (("config", config), ("extra", extra)):
             if m is not None and not isinstance(m, Mapping):
                 raise KVLabError(f"results store: '{name}' must be a dict, got {type(m).__name__}")
-        return (key, *fields, int(version), _value(value), _canonical(dict(config or {})),
-                _canonical(dict(extra or {})), created or _now(), kvlab_version or _kvlab_version(),
+        return (key, *fields, int(version), _value(value), canonical_json(dict(config or {})),
+                canonical_json(dict(extra or {})), created or _now(), kvlab_version or _kvlab_version(),
                 host or _host(), run if run is not None else os.environ.get("KVLAB_RUN"))
 
     _INSERT = ("INSERT OR REPLACE INTO results (key, model, data, method, protocol, metric, version, value, "
@@ -472,6 +467,35 @@ class Store:
         if prepared:
             self._write(lambda c: c.executemany(self._INSERT, prepared))
         return [p[0] for p in prepared]
+
+    def put_result(self, model: Any, data: Any, method: Any, protocol: str, metrics: Mapping[str, Any],
+                   config: Mapping[str, Any] | None = None, names: Iterable[str] | None = None) -> list[str]:
+        """Write one evaluation result — every numeric metric (or those in `names`) — in one transaction.
+
+        Identity fields inside `metrics` (model, data, method, protocol, label) and non-numbers are
+        skipped; NaN is stored (a metric that was not measurable), infinities are not. Returns the keys."""
+        names = None if names is None else set(names)
+        rows = []
+        for k, v in metrics.items():
+            if k in _IDENTITY or (names is not None and k not in names):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isinf(v)):
+                continue
+            rows.append(dict(model=model, data=data, method=method, protocol=protocol, metric=k, value=float(v),
+                             config=dict(config or {})))
+        return self.put_many(rows)
+
+    def get_result(self, model: Any, data: Any, method: Any, protocol: str,
+                   required: Iterable[str] = ()) -> dict[str, float] | None:
+        """The stored metrics of one result {metric: value}, or None unless every `required` metric is
+        stored — the one rule for "this result is already computed"."""
+        fields = [_spec(v, k) for k, v in zip(KEY_FIELDS[:4], (model, data, method, protocol))]
+        got = {m: v for m, v in self._read(
+            "SELECT metric, value FROM results WHERE model = ? AND data = ? AND method = ? AND protocol = ? "
+            "AND version = ?", (*fields, RESULT_VERSION))}
+        if not got or any(r not in got for r in required):
+            return None
+        return {m: (float("nan") if v is None else v) for m, v in got.items()}
 
     def has(self, model: Any, data: Any, method: Any, protocol: str, metric: str, *,
             version: int = RESULT_VERSION) -> bool:
@@ -523,7 +547,10 @@ class Store:
         created, kvlab_version, host, run, key.
 
         `where`: a dict of equality filters (a list value means "any of"), or a pandas query
-        string such as "metric == 'ppl' and bits <= 4".
+        string such as "metric == 'ppl' and bits <= 4". Besides the columns, a query may name the
+        fields of the method spec (`bits`, `group`, ... of "int:bits=4,group=128"; NaN where a
+        method has no such field) and the other metrics of the same result (`avg_bits`, `ppl`,
+        ...: "metric == 'kl' and avg_bits <= 3"); they are not added to the returned table.
         """
         import pandas as pd
 
@@ -562,11 +589,7 @@ class Store:
         if isinstance(where, str) and where.strip():
             if not len(df):
                 return df
-            try:
-                df = df.query(where)
-            except Exception as e:  # noqa: BLE001 - pandas raises many kinds
-                raise KVLabError(f"where {where!r} is not a valid pandas query on the results ({type(e).__name__}: {e}). "
-                                 f"Columns: {', '.join(map(str, df.columns))} (backquote names with dots)") from None
+            df = _query(df, where)
         return df.reset_index(drop=True)
 
     # -- runs ------------------------------------------------------------------------------------
@@ -576,7 +599,7 @@ class Store:
         """Record one executed sweep config (status 'ok' or 'failed'); a re-run replaces the row."""
         if status not in _RUN_STATUS:
             raise KVLabError(f"run status must be one of {_RUN_STATUS}, got {status!r}")
-        row = (config_hash, sweep, str(notebook), _canonical(dict(params)), status, error,
+        row = (config_hash, sweep, str(notebook), canonical_json(dict(params)), status, error,
                None if seconds is None else float(seconds), None if output is None else str(output),
                _now(), _host(), _kvlab_version())
         self._write(lambda c: c.execute(
@@ -634,6 +657,65 @@ class Store:
         return str(self._read("PRAGMA journal_mode")[0][0]).lower()
 
 
+def _spec_value(raw: str) -> Any:
+    """A method-spec field value typed as a query compares it: int, float, bool, None or the text."""
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw.strip()
+
+
+def spec_fields(method: str) -> dict[str, Any]:
+    """The fields written in a method spec string: 'int:bits=4,group=128' -> {'bits': 4, 'group': 128}."""
+    _, _, args = str(method).partition(":")
+    fields = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, raw = item.partition("=")
+        if eq and key.strip().isidentifier():
+            fields[key.strip()] = _spec_value(raw)
+    return fields
+
+
+def _query_columns(df: "pd.DataFrame") -> dict[str, "pd.Series"]:
+    """Names a `where` query may use besides the table's columns: method-spec fields, then the
+    value of every metric of the same result (model, data, method, protocol, version)."""
+    import pandas as pd
+
+    extra: dict[str, pd.Series] = {}
+    fields = {m: spec_fields(m) for m in df["method"].unique()}
+    for name in dict.fromkeys(k for f in fields.values() for k in f):
+        if name not in df.columns:
+            extra[name] = df["method"].map(lambda m, n=name: fields[m].get(n, float("nan")))
+    ident = [*KEY_FIELDS[:-1], "version"]
+    wide = df.pivot_table(index=ident, columns="metric", values="value", aggfunc="first", dropna=False)
+    rows = pd.MultiIndex.from_frame(df[ident])
+    for metric in wide.columns:
+        if metric not in df.columns and metric not in extra and str(metric).isidentifier():
+            extra[metric] = pd.Series(wide[metric].reindex(rows).to_numpy(), index=df.index)
+    return extra
+
+
+def _query(df: "pd.DataFrame", where: str) -> "pd.DataFrame":
+    """`df.query(where)` where the query may also name method-spec fields and same-result metrics
+    (`_query_columns`); returns `df`'s own columns only, or raises a KVLabError listing the names."""
+    extra = _query_columns(df)
+    try:
+        picked = df.assign(**extra).query(where).index
+    except Exception as e:  # noqa: BLE001 - pandas raises many kinds
+        raise KVLabError(
+            f"where {where!r} is not a valid pandas query on the results ({type(e).__name__}: {e}). "
+            f"Columns: {', '.join(map(str, df.columns))}; also usable: {', '.join(extra) or '(none)'} "
+            f"(backquote names with dots, quote strings: metric == 'ppl')") from None
+    return df.loc[picked]
+
+
 def _sql_filter(where: Mapping[str, Any], strict: bool) -> tuple[str, list[Any]]:
     allowed = (*KEY_FIELDS, "version", "key")
     conds, params = [], []
@@ -667,73 +749,6 @@ def load(where: Mapping[str, Any] | str | None = None, path: str | os.PathLike |
 # ---------------------------------------------------------------------------------------------
 # CLI: kvlab results
 # ---------------------------------------------------------------------------------------------
-_HIDDEN = ("extra", "created", "kvlab_version", "host", "run", "key")
+HIDDEN_COLUMNS = ("extra", "created", "kvlab_version", "host", "run", "key")   # `kvlab results` without --all
 
-
-def add_cli(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register `kvlab results` on an argparse subparsers object; `args.func(args)` returns the exit code."""
-    p = subparsers.add_parser(
-        "results", help="show stored results as a table (or write CSV)",
-        description="Show the results store as a table: one row per result, one column per config field.")
-    p.add_argument("--where", help="filter: a pandas query, e.g. \"metric=='ppl' and bits<=4\"")
-    p.add_argument("--store", help="store file (default: $KVLAB_STORE, else data/results.sqlite)")
-    p.add_argument("--csv", metavar="OUT", help="write the (filtered) table to this CSV file")
-    p.add_argument("--runs", action="store_true", help="show the sweep runs table instead of results")
-    p.add_argument("--all", action="store_true", help="show every column (extra, created, host, key ...)")
-    p.add_argument("--max-rows", type=int, default=60, help="rows to print (default 60; 0 = all)")
-    p.set_defaults(func=_cli_results)
-    return p
-
-
-def _cli_results(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    store = Store(args.store, readonly=True)
-    if args.runs:
-        df = store.runs()
-        if args.where:
-            try:
-                df = df.query(args.where)
-            except Exception as e:  # noqa: BLE001
-                raise KVLabError(f"--where {args.where!r}: {e}. Columns: {', '.join(df.columns)}") from None
-    else:
-        df = store.load(args.where)
-    if args.csv:
-        out = df.copy()
-        for col in ("extra", "params"):
-            if col in out.columns:
-                out[col] = out[col].map(_canonical)
-        out.to_csv(args.csv, index=False)
-        print(f"wrote {len(out)} rows to {args.csv}")
-        return 0
-    if not len(df):
-        print(f"no {'runs' if args.runs else 'results'} in {store.path}" + (f" matching {args.where!r}" if args.where else ""))
-        return 0
-    show = df
-    if not args.all:
-        hide = ("error", "host", "kvlab_version", "output") if args.runs else _HIDDEN
-        show = df.drop(columns=[c for c in hide if c in df.columns])
-        if args.runs:
-            show = show.assign(config_hash=show["config_hash"].str[:12])
-    with pd.option_context("display.max_rows", args.max_rows or None, "display.max_columns", None,
-                           "display.width", 200, "display.max_colwidth", 60):
-        print(show)
-    print(f"{len(df)} {'runs' if args.runs else 'results'} in {store.path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kvlab.store [--where ...] [--store PATH] [--csv OUT]` (same as `kvlab results`)."""
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["results", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    import sys
-
-    from kvlab.store import main as _main
-
-    sys.exit(_main())
+#: the epilog of `kvlab results --help`; tests run every `kvlab results ...` line of it

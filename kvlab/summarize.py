@@ -11,8 +11,8 @@ examples, 64 new tokens, documents cut to 512 words):
     Summarize the above article in 1 sentence.
     {summary}
 
-    from kvlab.summarize import compare_summaries, evaluate_summaries
-    df = compare_summaries(lm, ["fp16", "int4", "kivi-2"], task="lead-wiki", n=50)
+    from kvlab.summarize import evaluate_summaries
+    df = kvlab.run_task(lm, "lead-wiki", ["fp16", "int4", "kivi-2"], n=50)     # several methods
     df[["label", "rouge1", "rouge2", "rougeL", "rougeL_fp", "seconds"]]
 
     res = evaluate_summaries(lm, "kivi-2", n=50)
@@ -67,17 +67,18 @@ import torch
 from . import data as data_mod
 from .diskcache import cached, model_fingerprint
 from .errors import KVLabError
-from .evaluate import EvalResult, write_metrics
-from .hooks import PROTOCOLS
+from .evaluation import EvalResult
+from .protocols import PROTOCOLS, check_protocol
 from .models import LoadedModel
 from .quant.base import Method
 from .quant.registry import parse
-from .retrieval import calibrate, generate
+from .calibration import TASK_TOKENS, calibrate
+from .retrieval import generate
 from .rouge import rouge
 
 
 __all__ = ["TASKS", "TEMPLATES", "examples", "shot_examples", "first_sentence", "build_prompts", "summary_text",
-           "reference_summaries", "data_key", "evaluate_summaries", "compare_summaries"]
+           "reference_summaries", "data_key", "evaluate_summaries"]
 
 TASKS = {
     "lead-wiki": "offline: packaged Wikipedia leads, summary = first sentence, document = the rest",
@@ -335,7 +336,7 @@ def evaluate_summaries(lm: LoadedModel, method: Method | str = "fp16", task: str
 
     `n_shot` few-shot examples (the same for every prompt, never evaluated) precede each article;
     0 by default: SmolLM2-135M copies the shot's summary or starts a new article instead. A method
-    that needs calibration is calibrated with `kvlab.retrieval.calibrate` (the corpus start).
+    that needs calibration is calibrated with `kvlab.calibrate` on the corpus start.
     """
     if lm.tokenizer is None:
         raise KVLabError(f"evaluate_summaries needs a model with a tokenizer; '{lm.name}' has none")
@@ -347,9 +348,7 @@ def evaluate_summaries(lm: LoadedModel, method: Method | str = "fp16", task: str
     _check_int("seed", seed, 0, "any non-negative int")
     _template(template)
     m = parse(method)
-    if getattr(m, "replaces_cache", False) and protocol != "prefill-decode":
-        raise KVLabError(f"'{m.spec}' replaces the whole cache (HF QuantizedCache): evaluate it with "
-                         "protocol='prefill-decode'")
+    check_protocol(m, protocol)
     spec_label = label or (method if isinstance(method, str) else m.spec)
     items = examples(task, n, seed)
     shots = shot_examples(task, n_shot, seed)
@@ -360,8 +359,7 @@ def evaluate_summaries(lm: LoadedModel, method: Method | str = "fp16", task: str
                          f"model's {lm.max_context} positions; lower max_context_tokens or n_shot")
     key = data_key(task, len(items), seed, n_shot, max_context_tokens, max_new_tokens, template)
     ref = reference_summaries(lm, prompts, max_new_tokens, batch_size, progress, key)
-    if getattr(m, "needs_calibration", False) and getattr(m, "_calib", None) is None:
-        m = calibrate(lm, m)
+    m = calibrate(lm, m, n_tokens=TASK_TOKENS)
     plan = _batches(prompts, batch_size)
     t0 = time.perf_counter()
     got = _generate_all(lm, m, prompts, plan, max_new_tokens, protocol, str(spec_label), progress)
@@ -391,30 +389,4 @@ def _score(tok: Any, items: Sequence[dict], prompts: Sequence[Sequence[int]], go
                      "rougeL_fp": 1.0 if gen == fp else rouge(gen, fp, ("rougeL",))["rougeL"].fmeasure,
                      "same_as_fp": gen == fp,
                      "prompt_tokens": len(p), "summary_tokens": n_g, "fp_summary_tokens": n_f})
-    return pd.DataFrame(rows)
-
-
-def compare_summaries(lm: LoadedModel, methods: Iterable[Method | str], store=None, **kwargs):
-    """`evaluate_summaries` for several methods on the same prompts (the fp summaries generated once);
-    one DataFrame row per method (its metrics). With `store` (a `kvlab.store.Store`) each method's
-    numeric metrics are written as soon as it finishes, config = task, n, seed, n_shot, token budgets."""
-    import pandas as pd
-
-    methods = list(methods)
-    if not methods:
-        raise KVLabError("compare_summaries needs at least one method, e.g. ['fp16', 'int4', 'kivi-2']")
-    bad = [k for k in kwargs if k in ("method", "label")]
-    if bad:
-        raise KVLabError(f"compare_summaries takes the methods as a list; drop {', '.join(bad)}")
-    rows = []
-    for m in methods:
-        res = evaluate_summaries(lm, m, **kwargs)
-        rows.append(res.metrics)
-        if store is not None:
-            config = {"task": kwargs.get("task", "lead-wiki"), "n": res.metrics["n_examples"],
-                      "seed": kwargs.get("seed", 0), "n_shot": kwargs.get("n_shot", 0),
-                      "max_new_tokens": kwargs.get("max_new_tokens", 64),
-                      "max_context_tokens": kwargs.get("max_context_tokens", 512),
-                      "template": kwargs.get("template", "kvlab"), "label": res.metrics["label"]}
-            write_metrics(store, res.metrics, config)
     return pd.DataFrame(rows)

@@ -1,42 +1,198 @@
-"""One entry point for every evaluation task, with the results store in front of it.
+"""The one compare loop: every task, every method, with the results store in front of it.
 
     from kvlab.tasks import run_task
     df = run_task(lm, "cloze-wiki", ["fp16", "int4", "kivi-2"], n=100, store=Store())
+    df = run_task(lm, Perplexity(EvalSpec(n_tokens=2048, window=512)), ["fp16", "int4"], store=store)
 
-Tasks (`TASKS`) and what computes them:
+A task is a small frozen dataclass that owns what it evaluates on and how its results are stored:
+`key` (the store's `data` column), `config` (one store column per field), `required` (the metrics
+whose presence in the store means "already computed": the one rule, `Store.get_result`) and
+`evaluate(lm, method)`. `task_spec(name, protocol, **options)` builds one from a name:
 
-| task                                               | module               | default protocol | headline metric |
+| task                                               | evaluator            | default protocol | required        |
 |----------------------------------------------------|----------------------|------------------|-----------------|
-| `ppl` (perplexity, KL, top-1 on `data`)            | `kvlab.evaluate`     | fake             | ppl             |
-| `cloze-wiki`, `hellaswag`, `piqa`, `mathqa`, `truthfulqa` (multiple choice) | `kvlab.choice` | fake | acc |
-| `lead-wiki`, `xsum` (one-sentence summaries, ROUGE) | `kvlab.summarize`   | prefill-decode   | rougeL          |
+| `ppl` (perplexity, KL, top-1 on `data`)            | `kvlab.evaluate`     | fake             | ppl, kl, top1   |
+| `cloze-wiki`, `hellaswag`, `piqa`, `mathqa`, `truthfulqa` (multiple choice) | `kvlab.choice.evaluate_choice` | fake | acc |
+| `lead-wiki`, `xsum` (one-sentence summaries, ROUGE) | `kvlab.summarize.evaluate_summaries` | prefill-decode | rougeL |
+| `passkey` (retrieval over context length x depth)  | `kvlab.retrieval.passkey_accuracy` | prefill-decode | passkey_exact |
 
-With a store, a method whose headline metric is stored for (model, data, method, protocol) is read
-back instead of recomputed, so a notebook or sweep re-run costs nothing; new results are written as
-each method finishes (one transaction each).
+With a store, a method whose required metrics are stored for (model, task key, method, protocol)
+is read back instead of recomputed, so a notebook or sweep re-run costs nothing; new results are
+written as each method finishes (one transaction each, `Store.put_result`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Sequence
 
 from .errors import KVLabError
+from .evaluation import METRICS, EvalSpec
 from .models import LoadedModel
+from .quant.base import Method
 from .quant.registry import parse
 
 CHOICE_TASKS = ("cloze-wiki", "hellaswag", "piqa", "mathqa", "truthfulqa")
 SUMMARY_TASKS = ("lead-wiki", "xsum")
-TASKS = ("ppl", *CHOICE_TASKS, *SUMMARY_TASKS)
-HEADLINE = {"ppl": "ppl", "choice": "acc", "summary": "rougeL"}
-OPTIONS = {"ppl": ("data", "n_tokens", "window", "stride", "prefill", "calib_tokens", "attn_error"),
+TASKS = ("ppl", *CHOICE_TASKS, *SUMMARY_TASKS, "passkey")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a method is evaluated on, and how its result is keyed in the store."""
+
+    kind: ClassVar[str] = "base"
+    required: ClassVar[tuple[str, ...]] = ()
+    stored: ClassVar[tuple[str, ...] | None] = None       # metrics written (None: every number)
+    protocol: str = field(default="fake", kw_only=True)
+
+    @property
+    def key(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, lm: LoadedModel, method: Method, progress: bool = True) -> dict:
+        """The metrics of one method (a dict with model, data, method, protocol and numbers)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Perplexity(Task):
+    """Perplexity, KL and top-1 agreement with the fp model on corpus windows (`kvlab.evaluate`)."""
+
+    kind: ClassVar[str] = "ppl"
+    required: ClassVar[tuple[str, ...]] = ("ppl", "kl", "top1")
+    stored: ClassVar[tuple[str, ...] | None] = METRICS
+    spec: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self):
+        if not isinstance(self.spec, EvalSpec):
+            raise KVLabError(f"Perplexity takes an EvalSpec, got {type(self.spec).__name__}")
+        object.__setattr__(self, "protocol", self.spec.protocol)   # the spec's protocol is the task's
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def config(self) -> dict:
+        s = self.spec
+        return {"n_tokens": s.n_tokens, "window": s.window, "stride": s.stride, "prefill": s.prefill, "corpus": s.data}
+
+    def evaluate(self, lm, method, progress=True) -> dict:
+        from .evaluation import evaluate
+        return evaluate(lm, method, self.spec, progress=progress).metrics
+
+
+@dataclass(frozen=True)
+class Choice(Task):
+    """Multiple-choice log-likelihood accuracy (`kvlab.choice`)."""
+
+    kind: ClassVar[str] = "choice"
+    required: ClassVar[tuple[str, ...]] = ("acc",)
+    task: str = "cloze-wiki"
+    n: int | None = 100
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        from .choice import data_key
+        return data_key(self.task, self.n, self.seed)
+
+    @property
+    def config(self) -> dict:
+        return {"task": self.task, "n": self.n, "seed": self.seed}
+
+    def evaluate(self, lm, method, progress=True) -> dict:
+        from .choice import evaluate_choice
+        return evaluate_choice(lm, method, task=self.task, n=self.n, seed=self.seed, protocol=self.protocol,
+                               progress=progress).metrics
+
+
+@dataclass(frozen=True)
+class Summary(Task):
+    """One-sentence summaries scored with ROUGE against the reference and the fp model (`kvlab.summarize`)."""
+
+    kind: ClassVar[str] = "summary"
+    required: ClassVar[tuple[str, ...]] = ("rougeL",)
+    protocol: str = field(default="prefill-decode", kw_only=True)
+    task: str = "lead-wiki"
+    n: int | None = 50
+    seed: int = 0
+    n_shot: int = 0
+    max_new_tokens: int = 64
+    max_context_tokens: int = 512
+    template: str = "kvlab"
+    batch_size: int = 16
+
+    @property
+    def key(self) -> str:
+        from .summarize import data_key
+        return data_key(self.task, self.n, self.seed, self.n_shot, self.max_context_tokens, self.max_new_tokens,
+                        self.template)
+
+    @property
+    def config(self) -> dict:
+        return {"task": self.task, "n": self.n, "seed": self.seed, "n_shot": self.n_shot,
+                "max_new_tokens": self.max_new_tokens, "max_context_tokens": self.max_context_tokens,
+                "template": self.template}
+
+    def evaluate(self, lm, method, progress=True) -> dict:
+        from .summarize import evaluate_summaries
+        return evaluate_summaries(lm, method, task=self.task, n=self.n, seed=self.seed, n_shot=self.n_shot,
+                                  max_new_tokens=self.max_new_tokens, protocol=self.protocol, progress=progress,
+                                  max_context_tokens=self.max_context_tokens, template=self.template,
+                                  batch_size=self.batch_size).metrics
+
+
+@dataclass(frozen=True)
+class Passkey(Task):
+    """Passkey retrieval accuracy over a (context length x needle depth) grid (`kvlab.retrieval`)."""
+
+    kind: ClassVar[str] = "passkey"
+    required: ClassVar[tuple[str, ...]] = ("passkey_exact",)
+    protocol: str = field(default="prefill-decode", kw_only=True)
+    context_lengths: tuple[int, ...] = (512, 1024)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    n_per_cell: int = 1
+    seed: int = 0
+    haystack: str = "paulgraham"
+
+    @property
+    def key(self) -> str:
+        ctx = "+".join(map(str, self.context_lengths))
+        depth = "+".join(f"{d:g}" for d in self.depths)
+        return f"passkey:{self.haystack}:ctx={ctx},depth={depth},n={self.n_per_cell},seed={self.seed}"
+
+    @property
+    def config(self) -> dict:
+        return {"context_lengths": list(self.context_lengths), "depths": list(self.depths),
+                "n_per_cell": self.n_per_cell, "seed": self.seed, "corpus": self.haystack}
+
+    def evaluate(self, lm, method, progress=True) -> dict:
+        from .retrieval import passkey_accuracy
+        df = passkey_accuracy(lm, method, self.context_lengths, self.depths, n_per_cell=self.n_per_cell,
+                              seed=self.seed, protocol=self.protocol, haystack=self.haystack, progress=progress)
+        return {"model": lm.model_id, "data": self.key, "method": method.spec, "protocol": self.protocol,
+                "passkey_exact": float(df["exact"].mean()), "passkey_digits": float(df["digits"].mean()),
+                "n_examples": int(len(df))}
+
+
+DEFAULT_PROTOCOL = {"ppl": "fake", "choice": "fake", "summary": "prefill-decode", "passkey": "prefill-decode"}
+_CLASSES = {"ppl": Perplexity, "choice": Choice, "summary": Summary, "passkey": Passkey}
+OPTIONS = {"ppl": tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name != "protocol"),
            "choice": ("n", "seed"),
-           "summary": ("n", "seed", "n_shot", "max_new_tokens", "max_context_tokens", "template", "batch_size")}
-DEFAULT_PROTOCOL = {"ppl": "fake", "choice": "fake", "summary": "prefill-decode"}
+           "summary": ("n", "seed", "n_shot", "max_new_tokens", "max_context_tokens", "template", "batch_size"),
+           "passkey": ("context_lengths", "depths", "n_per_cell", "seed", "haystack")}
 
 
 def task_kind(task: str) -> str:
-    """"ppl", "choice" or "summary"; a KVLabError listing the tasks for an unknown name."""
-    if task == "ppl":
-        return "ppl"
+    """"ppl", "choice", "summary" or "passkey"; a KVLabError listing the tasks for an unknown name."""
+    if task in ("ppl", "passkey"):
+        return task
     if task in CHOICE_TASKS:
         return "choice"
     if task in SUMMARY_TASKS:
@@ -44,79 +200,64 @@ def task_kind(task: str) -> str:
     raise KVLabError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
-def _data_key(kind: str, task: str, protocol: str, kw: dict) -> str:
-    if kind == "ppl":
-        from .evaluate import EvalSpec
-        return EvalSpec(protocol=protocol, **kw).key
-    if kind == "choice":
-        from .choice import data_key
-        return data_key(task, kw.get("n", 100), kw.get("seed", 0))
-    from .summarize import data_key
-    return data_key(task, kw.get("n", 50), kw.get("seed", 0), kw.get("n_shot", 0), kw.get("max_context_tokens", 512),
-                    kw.get("max_new_tokens", 64), kw.get("template", "kvlab"))
-
-
-def _stored(store, lm: LoadedModel, data: str, method: str, protocol: str) -> dict | None:
-    rows = store.load({"model": lm.model_id, "data": data, "method": method, "protocol": protocol})
-    if rows.empty:
-        return None
-    return {"model": lm.model_id, "data": data, "method": method, "protocol": protocol,
-            **dict(zip(rows["metric"], rows["value"]))}
-
-
-def run_task(lm: LoadedModel, task: str, methods: Iterable[str], store=None, protocol: str | None = None,
-             progress: bool = True, recompute: bool = False, **kwargs: Any):
-    """Evaluate `methods` on `task`; one DataFrame row per method (its metrics, `label` = the spec given).
-
-    `kwargs` go to the task's evaluator: `ppl` takes `EvalSpec` fields (data, n_tokens, window, stride,
-    prefill, calib_tokens, attn_error); multiple choice takes n, seed; summaries take n, seed, n_shot,
-    max_new_tokens, max_context_tokens, template, batch_size. With `store`, stored results are reused
-    unless `recompute=True`.
-    """
-    import pandas as pd
-
+def task_spec(task: str | Task, protocol: str | None = None, **options: Any) -> Task:
+    """A `Task` from a name and its options (a `Task` is returned as it is)."""
+    if isinstance(task, Task):
+        if protocol is not None and protocol != task.protocol or options:
+            raise KVLabError("pass a Task object alone: its protocol and options are its fields")
+        return task
     kind = task_kind(task)
-    protocol = protocol or DEFAULT_PROTOCOL[kind]
-    bad = [k for k in kwargs if k not in OPTIONS[kind]]
+    bad = [k for k in options if k not in OPTIONS[kind]]
     if bad:
         raise KVLabError(f"task {task!r} takes no option {', '.join(map(repr, bad))}; its options: "
                          f"{', '.join(OPTIONS[kind])}")
+    protocol = protocol or DEFAULT_PROTOCOL[kind]
+    if kind == "ppl":
+        return Perplexity(spec=EvalSpec(protocol=protocol, **options))
+    if kind == "passkey":
+        options = {k: tuple(v) if k in ("context_lengths", "depths") else v for k, v in options.items()}
+        return Passkey(protocol=protocol, **options)
+    return _CLASSES[kind](protocol=protocol, task=task, **options)
+
+
+def run_task(lm: LoadedModel, task: str | Task, methods: Iterable[Method | str], store=None,
+             protocol: str | None = None, progress: bool = True, recompute: bool = False, **options: Any):
+    """Evaluate `methods` on `task`; one DataFrame row per method: its metrics, `label` (the spec as
+    given) and `cached` (read from the store). Every spec is parsed before any model work.
+
+    `task` is a name (options as keyword arguments: `ppl` takes `EvalSpec` fields; multiple choice n,
+    seed; summaries n, seed, n_shot, max_new_tokens, max_context_tokens, template, batch_size;
+    passkey context_lengths, depths, n_per_cell, seed, haystack) or a `Task`. With `store`, stored
+    results are read back unless `recompute=True`, and new ones are written as each method finishes.
+    """
+    import pandas as pd
+
+    spec = task_spec(task, protocol, **options)
     methods = list(methods)
     if not methods:
         raise KVLabError("run_task needs at least one method, e.g. ['fp16', 'int4']")
-    parsed = {m: parse(m) for m in methods}         # an invalid spec fails before any model work
-    key = _data_key(kind, task, protocol, kwargs) if store is not None else None
+    parsed = [parse(m) for m in methods]         # an invalid spec fails before any model work
     rows = []
-    for m in methods:
-        spec = parsed[m].spec
-        hit = None if store is None or recompute else _stored(store, lm, key, spec, protocol)
-        if hit is not None and HEADLINE[kind] in hit:
-            rows.append({**hit, "label": m, "cached": True})
+    for given, method in zip(methods, parsed):
+        label = given if isinstance(given, str) else method.spec
+        hit = None if store is None or recompute else store.get_result(
+            lm.model_id, spec.key, method.spec, spec.protocol, spec.required)
+        if hit is not None:
+            rows.append({"model": lm.model_id, "data": spec.key, "method": method.spec, "protocol": spec.protocol,
+                         **hit, "label": label, "cached": True})
             continue
-        metrics = _evaluate(lm, kind, task, parsed[m], protocol, progress, store, kwargs)
-        rows.append({**metrics, "label": m, "cached": False})
+        metrics = dict(spec.evaluate(lm, method, progress=progress))
+        if store is not None:
+            store.put_result(lm.model_id, spec.key, method.spec, spec.protocol, metrics, spec.config,
+                             names=spec.stored)
+        rows.append({**metrics, "label": label, "cached": False})
     return pd.DataFrame(rows)
 
 
-def _evaluate(lm, kind: str, task: str, method, protocol: str, progress: bool, store, kw: dict) -> dict:
-    from .evaluate import EvalSpec, evaluate, write_metrics, write_result
-
-    if kind == "ppl":
-        spec = EvalSpec(protocol=protocol, **kw)
-        res = evaluate(lm, method, spec, progress=progress)
-        if store is not None:
-            write_result(store, res, spec)
-        return res.metrics
-    if kind == "choice":
-        from .choice import evaluate_choice
-        res = evaluate_choice(lm, method, task=task, protocol=protocol, progress=progress, **kw)
-        config = {"task": task, "n": kw.get("n", 100), "seed": kw.get("seed", 0)}
-    else:
-        from .summarize import evaluate_summaries
-        res = evaluate_summaries(lm, method, task=task, protocol=protocol, progress=progress, **kw)
-        config = {"task": task, "n": res.metrics["n_examples"], "seed": kw.get("seed", 0),
-                  "n_shot": kw.get("n_shot", 0), "max_new_tokens": kw.get("max_new_tokens", 64),
-                  "max_context_tokens": kw.get("max_context_tokens", 512)}
-    if store is not None:
-        write_metrics(store, res.metrics, config)
-    return res.metrics
+def compare(lm: LoadedModel, methods: Iterable[Method | str], spec: EvalSpec | None = None, progress: bool = True,
+            store=None, **spec_kwargs: Any):
+    """`kvlab.compare`: the perplexity task for several methods on the same windows (`run_task` with
+    `Perplexity(spec)`); one DataFrame row per method."""
+    if spec is not None and spec_kwargs:
+        raise KVLabError(f"pass either spec=EvalSpec(...) or its fields ({', '.join(spec_kwargs)}), not both")
+    return run_task(lm, Perplexity(spec or EvalSpec(**spec_kwargs)), methods, store=store, progress=progress)

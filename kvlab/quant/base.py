@@ -12,13 +12,19 @@ The interception core (`kvlab.hooks`) decides *which* tokens a method sees:
 * `needs_attention` methods get `LayerContext.attention` (attention received per key token);
 * `key_site = "pre_rope"` methods see keys before the rotary embedding (KVQuant).
 
+Methods fitted on calibration data (`needs_calibration`) declare what to capture
+(`calibration_needs() -> CalibrationNeeds`) and turn the capture into tensors (`fit(Captured)`);
+`kvlab.calibrate` runs the model, caches the fit on disk and returns `method.with_state(state)`, a
+new instance whose `state` (a `FittedState`) the method reads. Methods never run the model
+themselves and never import the core.
+
 Methods never call `.item()` / `.cpu()`: bits are returned as device tensors and summed once.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 
@@ -56,6 +62,81 @@ class LayerContext:
     total_tokens: int | None = None     # tokens the layer holds after this update
 
 
+@dataclass(frozen=True)
+class CalibrationNeeds:
+    """What a method's calibration captures; `kvlab.calibrate` runs one capture per distinct needs.
+
+    what:            per-layer tensors, each [n, kv_heads, T, head_dim]: "k_pre" (keys before RoPE),
+                     "k" (post-RoPE keys), "v"
+    grads:           also dL/dX for each captured X (L: next-token cross-entropy; weights get no grad)
+    loss:            "row_sum": each row alone, L = its summed cross-entropy (KVQuant's Fisher pass);
+                     "mean": all rows in one batch, L = the mean cross-entropy (PM-KVQ's sensitivity)
+    position_stride: RoPE positions 0, s, 2s, ... (positional interpolation, PM-KVQ's effective_len)
+    to_cpu:          move captured tensors to the CPU as float32 (large captures), else keep them
+                     on the model's device in its dtype
+    """
+
+    what: tuple[str, ...]
+    grads: bool = False
+    loss: Literal["row_sum", "mean"] = "row_sum"
+    position_stride: int = 1
+    to_cpu: bool = True
+
+    def __post_init__(self):
+        bad = [w for w in self.what if w not in ("k_pre", "k", "v")]
+        if bad or not self.what:
+            raise KVLabError(f"CalibrationNeeds.what must name some of 'k_pre', 'k', 'v'; got {self.what!r}")
+        if self.loss not in ("row_sum", "mean"):
+            raise KVLabError(f"CalibrationNeeds.loss must be 'row_sum' or 'mean', got {self.loss!r}")
+
+
+@dataclass
+class Captured:
+    """What `kvlab.calibrate` captured for a `CalibrationNeeds`: per name, one tensor per layer
+    [n, kv_heads, T, head_dim], and (when `grads`) dL/dX of the same shapes under `grads[name]`."""
+
+    tensors: dict[str, list[torch.Tensor]]
+    grads: dict[str, list[torch.Tensor]] | None = None
+
+
+class FittedState:
+    """Tensors a method learned at calibration (kept on the CPU), with per-device copies made once.
+
+    Immutable once built: `derived(name, fn)` memoises a value computed from the tensors (e.g. an
+    allocation), so a fitted method never needs to write to itself."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors: dict[str, torch.Tensor] = dict(tensors)
+        self._on: dict[Any, dict[str, torch.Tensor]] = {}
+        self._derived: dict[str, Any] = {}
+
+    def on(self, device) -> dict[str, torch.Tensor]:
+        """The tensors on `device` (copied on first use)."""
+        if device not in self._on:
+            self._on[device] = {k: v.to(device) for k, v in self.tensors.items()}
+        return self._on[device]
+
+    def derived(self, name: str, compute: Callable[[], Any]) -> Any:
+        if name not in self._derived:
+            self._derived[name] = compute()
+        return self._derived[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        return f"FittedState({', '.join(f'{k}: {tuple(v.shape)}' for k, v in self.tensors.items())})"
+
+
 @dataclass
 class Quantized:
     """A method's answer for one tensor.
@@ -65,7 +146,12 @@ class Quantized:
            indices), a 0-d tensor on the input's device.
     keep:  optional bool mask [b, kv_heads, tokens]; False = evicted (attention never sees it,
            and it costs no bits).
-    info:  optional tensors for plots (e.g. per-token bits), never needed by the core.
+    info:  optional values for reports and plots, never read by the core (the session keeps the
+           latest per layer and tensor as `run.info[layer]["k" | "v"]`). The keys `kvlab.bitmaps`
+           reads, by convention:
+             "bits":          the code width of this call, an int (PM-KVQ's current width);
+             "bits_k"/"bits_v": per-token-and-head widths, a tensor [batch, kv_heads, tokens] (QAQ);
+           method-specific extras are free (PM-KVQ: "over_budget", "budget_bits").
     """
 
     x: torch.Tensor
@@ -87,10 +173,14 @@ class Method:
     # progressive methods (PM-KVQ): at every flush the core hands over the *whole* quantized
     # region (already-stored dequantized tokens + the new chunk) and replaces it and its bits.
     rewrites_stored: ClassVar[bool] = False
-    # methods fitted on calibration data implement `calibrate(model, input_ids)` (may be a property)
+    # methods fitted on calibration data implement `calibration_needs` and `fit` (may be a property)
     needs_calibration: ClassVar[bool] = False
     # fields shown in the spec string even at their default (readability: "int:bits=4", not "int")
     spec_always: ClassVar[tuple[str, ...]] = ("bits",)
+    # calibration result (`kvlab.calibrate` sets it through `with_state`); not part of the config:
+    # excluded from the spec string, equality and hashing
+    state: FittedState | None = field(default=None, kw_only=True, compare=False, repr=False,
+                                      metadata={"spec": False})
 
     # --- the per-tensor rule (scope == "layer") -----------------------------------------------
     def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
@@ -100,6 +190,30 @@ class Method:
     def quantize_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor],
                        ctxs: list[LayerContext]) -> tuple[list[Quantized], list[Quantized]]:
         raise NotImplementedError(f"{type(self).__name__} does not quantize the whole cache")
+
+    # --- calibration (needs_calibration) -------------------------------------------------------
+    def calibration_needs(self, calib_tokens: int) -> CalibrationNeeds | None:
+        """What to capture for `fit` from rows of `calib_tokens` tokens (None: no calibration needed)."""
+        return None
+
+    def calibration_key(self) -> dict:
+        """The config fields that change the fit (with the capture, the key of the disk cache)."""
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in config_fields(self)}}
+
+    def fit(self, captured: Captured) -> dict[str, torch.Tensor]:
+        """Turn a capture into the tensors this method reads at quantization time (pure, cacheable)."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to fit")
+
+    def with_state(self, state: FittedState | Mapping[str, torch.Tensor]) -> "Method":
+        """A copy of this method carrying a calibration result."""
+        return dataclasses.replace(self, state=state if isinstance(state, FittedState) else FittedState(state))
+
+    def fitted(self) -> FittedState:
+        """The calibration result; a KVLabError says how to get one when there is none."""
+        if self.state is None:
+            raise KVLabError(f"{self.spec}: this configuration needs calibration; use "
+                             f"`kvlab.calibrate(lm, {self.spec!r})` (kvlab.evaluate and the tasks do it for you)")
+        return self.state
 
     # --- token bookkeeping read by the core (dataclass fields may override) --------------------
     @property
@@ -129,7 +243,7 @@ class Method:
     def spec(self) -> str:
         """Short string that round-trips through `kvlab.quant.parse` (only non-default fields)."""
         parts = []
-        for f in dataclasses.fields(self):
+        for f in config_fields(self):
             v = getattr(self, f.name)
             if f.default is not dataclasses.MISSING and v == f.default and f.name not in self.spec_always:
                 continue
@@ -138,6 +252,11 @@ class Method:
 
     def __str__(self) -> str:
         return self.spec
+
+
+def config_fields(method_or_class) -> list[dataclasses.Field]:
+    """The dataclass fields that make up a method's config (spec string), i.e. all but `state`."""
+    return [f for f in dataclasses.fields(method_or_class) if f.metadata.get("spec", True)]
 
 
 def _fmt(v) -> str:

@@ -3,18 +3,49 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 
 from ..errors import KVLabError
-from .base import Method
+from .base import Method, config_fields
 
 METHODS: dict[str, type[Method]] = {}
 PRESETS: dict[str, str] = {}
 
 
+def _qualified(cls: type) -> str:
+    """`module.QualName` of a class, how registry messages name it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_builtin(cls: type) -> bool:
+    """Whether a method class ships with kvlab (defined in a `kvlab.` module)."""
+    return cls.__module__ == "kvlab" or cls.__module__.startswith("kvlab.")
+
+
+def _replaces(old: type[Method], new: type[Method]) -> bool:
+    """Whether registering `new` under `old`'s name is a re-definition (replace) rather than a clash.
+
+    A re-definition: the same qualified name (a re-run notebook cell, a reloaded module), or a class
+    defined interactively (`__main__`) replacing a method that is not one of kvlab's own.
+    """
+    return _qualified(old) == _qualified(new) or (new.__module__ == "__main__" and not _is_builtin(old))
+
+
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method reachable by its `name` in spec strings."""
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise KVLabError(f"method name '{cls.name}' registered twice")
+    """Class decorator: make a method reachable by its `name` in spec strings.
+
+    Re-running a notebook cell that defines a registered method replaces the earlier definition
+    with a warning; a different class under a name already taken (a built-in kvlab method's name,
+    or another module's method) is an error naming both classes.
+    """
+    old = METHODS.get(cls.name)
+    if old is not None and old is not cls:
+        if not _replaces(old, cls):
+            owner = "kvlab's built-in method" if _is_builtin(old) else "the method"
+            raise KVLabError(f"method name '{cls.name}' is already registered by {owner} {_qualified(old)}; "
+                             f"{_qualified(cls)} cannot take it: give it another `name = \"...\"`")
+        warnings.warn(f"method '{cls.name}': replacing the registered {_qualified(old)} with the new definition "
+                      f"{_qualified(cls)} (re-defined, e.g. a re-run notebook cell)", stacklevel=2)
     METHODS[cls.name] = cls
     return cls
 
@@ -42,7 +73,7 @@ def parse(spec: str | Method) -> Method:
         raise KVLabError(f"unknown method '{name}' in spec '{spec}'. Methods: {', '.join(sorted(METHODS))}; "
                          f"presets: {', '.join(sorted(PRESETS))}")
     cls = METHODS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in config_fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for item in filter(None, (a.strip() for a in args.split(","))):

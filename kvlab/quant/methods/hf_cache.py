@@ -96,6 +96,11 @@ class HFQuantizedCache(Method):
         ok, why = backend_available(self.backend)
         if not ok:
             raise KVLabError(f"hf: {why}")
+        sliding = sliding_layers(config)
+        if sliding:
+            raise KVLabError(f"hf: transformers' QuantizedCache supports only models whose every layer is full "
+                             f"attention; this model has sliding-window layers {sliding}. Compare kvlab's methods "
+                             "on it, or the HF comparators on a full-attention model")
         if self.backend == "fp8":
             return QuantizedCache("fp8", config=config)
         ax = _DEFAULT_AXIS[self.backend]
@@ -163,6 +168,17 @@ class HFQuantizedCache(Method):
         n = q.numel()
         groups = q._scale.numel() + q._shift.numel()
         return float(self.bits * n + META_BITS * groups), n, _storage_bytes(q)
+
+
+def sliding_layers(config) -> list[int]:
+    """Indices of the sliding-window layers in a (text) config (transformers' `layer_types`)."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:   # the rule QuantizedCache itself applies (a config with `sliding_window` and no layer_types counts)
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        types = get_layer_types_and_kwargs(cfg)[0]
+    except ImportError:  # pragma: no cover - older transformers
+        types = getattr(cfg, "layer_types", None) or []
+    return [i for i, t in enumerate(types) if t != "full_attention"]
 
 
 def _storage_bytes(t) -> int:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import KVLabError
-from ..base import LayerContext, Method, Quantized, check_choice, check_range
+from ..base import CalibrationNeeds, Captured, LayerContext, Method, Quantized, check_choice, check_range
 from ..primitives import (SCALE_BITS, ZERO_BITS, group_minmax, kmeans_codebook, outlier_bits,
                           quantile_along, quantize_to_codebook, round_to_codebook, split_outliers,
                           uniform_codebook)
@@ -123,60 +123,31 @@ class KVQuant(Method):
         return back(off), back(scl), (None if mask is None else back(mask)), meta
 
     # ------------------------------------------------------------------ calibration
-    def _calibration(self, device: torch.device) -> dict:
-        calib = getattr(self, "_calib", None)
-        if calib is None:
-            raise KVLabError(f"{self.spec}: this configuration needs calibration; call "
-                             f"method.calibrate(model, input_ids) first (kvlab.evaluate does it), "
-                             f"or use nuq=false,k_scale=online for a calibration-free variant")
-        per_dev = self.__dict__.get("_calib_dev")
-        if per_dev is None:
-            per_dev = {}
-            object.__setattr__(self, "_calib_dev", per_dev)
-        if device not in per_dev:
-            per_dev[device] = {k: v.to(device) for k, v in calib.items()}
-        return per_dev[device]
+    def calibration_needs(self, calib_tokens: int) -> CalibrationNeeds | None:
+        """Pre-RoPE keys and values of every layer, row by row, with dL/dK and dL/dV (L = the row's
+        summed next-token cross-entropy) when the codebook is Fisher-weighted."""
+        if not self.needs_calibration:
+            return None
+        return CalibrationNeeds(what=("k_pre", "v"), grads=self.nuq and self.fisher, loss="row_sum", to_cpu=True)
 
     def calibration_key(self) -> dict:
         """The fields that change calibration results (sink does not)."""
         return {"method": self.name, "version": CALIB_VERSION,
                 **{f: getattr(self, f) for f in ("bits", "nuq", "fisher", "outliers", "qnorm", "k_scale", "group")}}
 
-    def calibrate(self, model, input_ids) -> None:
-        """Learn per-layer key ranges, codebooks and Q-Norm from `input_ids` (cached on disk).
+    def fit(self, captured: Captured) -> dict[str, torch.Tensor]:
+        """Calibration tensors from a capture (see `fit_tensors`)."""
+        grads = captured.grads or {}
+        return self.fit_tensors(captured.tensors["k_pre"], captured.tensors["v"], grads.get("k_pre"), grads.get("v"))
 
-        `model` is a `LoadedModel` or the HF module; `input_ids` is [n, T] (or [T]). Runs the model
-        once per row (with a backward pass when `fisher` and `nuq`) and stores the result with
-        `kvlab.quant.calibration.cached`, keyed by the model, the ids and `calibration_key()`.
-        """
-        from ..calibration import cached, model_fingerprint, tensor_digest
-
-        if not self.needs_calibration:
-            self.set_calibration({})
-            return
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        key = {"model": model_fingerprint(model), "input_ids": tensor_digest(ids), **self.calibration_key()}
-        self.set_calibration(cached("kvquant", key, lambda: self._compute_calibration(model, ids)))
-
-    def set_calibration(self, calib: dict[str, torch.Tensor]) -> None:
-        """Install calibration tensors (from `fit` or the cache) on this instance."""
-        object.__setattr__(self, "_calib", dict(calib))
-        object.__setattr__(self, "_calib_dev", {})
-
-    def _compute_calibration(self, model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        keys, values, kgrads, vgrads = _capture_kv(model, ids, grads=self.nuq and self.fisher)
-        return self.fit(keys, values, kgrads, vgrads)
-
-    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor],
-            kgrads: list[torch.Tensor] | None = None, vgrads: list[torch.Tensor] | None = None
-            ) -> dict[str, torch.Tensor]:
+    def fit_tensors(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                    kgrads: list[torch.Tensor] | None = None, vgrads: list[torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
         """Calibration from captured tensors: per layer `keys[l]` (pre-RoPE) and `values[l]`,
         [n, kv_heads, T, head_dim], with optional gradients dL/dK, dL/dV of the same shapes.
-        Returns (and does not install) {"k_cb", "v_cb": [L, 2^b] codebooks in the normalised
-        domain, "k_lo", "k_hi": [L, H, D] key thresholds (k_scale=calib), "k_qn", "v_qn": [L, 2]
-        Q-Norm (a, b) (qnorm)}; install with `set_calibration`."""
+        Returns {"k_cb", "v_cb": [L, 2^b] codebooks in the normalised domain, "k_lo", "k_hi":
+        [L, H, D] key thresholds (k_scale=calib), "k_qn", "v_qn": [L, 2] Q-Norm (a, b) (qnorm)};
+        a fitted method is `method.with_state(tensors)`."""
         if self.nuq and self.fisher and (kgrads is None or vgrads is None):
             raise KVLabError(f"{self.spec}: fisher=true needs the gradients dL/dK and dL/dV")
         rho = float(self.outliers)
@@ -230,7 +201,7 @@ class KVQuant(Method):
 
     # ------------------------------------------------------------------ quantization
     def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
-        cal = self._calibration(x.device) if self.needs_calibration else {}
+        cal = self.fitted().on(x.device) if self.needs_calibration else {}
         layer = ctx.layer
         lo = hi = None
         if ctx.kind == "k" and self.k_scale == "calib":
@@ -260,60 +231,6 @@ class KVQuant(Method):
                 per_layer += 2 * 16.0 * lo.numel()
             bits = bits + per_layer
         return Quantized(xh, bits)
-
-
-def _capture_kv(model, ids: torch.Tensor, grads: bool):
-    """Pre-RoPE keys and values of every layer for each row of `ids` (and dL/dK, dL/dV when `grads`,
-    L = the next-token cross-entropy summed over the row), moved to the CPU as float32 and
-    concatenated over rows: lists of [n, kv_heads, T, head_dim].
-
-    Gradients come from `torch.autograd.grad` on the tensors `capture(retain_grad=True)` keeps in
-    the graph, so no parameter `.grad` is created or changed; parameters are switched to
-    `requires_grad=True` for the pass (so the graph exists) and restored afterwards.
-    """
-    from ...hooks import capture
-    from ...models import LoadedModel
-
-    module = model.model if isinstance(model, LoadedModel) else model
-    device = next(module.parameters()).device
-    ks, vs, gks, gvs = [], [], [], []
-    for row in ids:
-        x = row.unsqueeze(0).to(device)
-        if grads:
-            params = list(module.parameters())
-            flags = [p.requires_grad for p in params]
-            try:
-                for p in params:
-                    p.requires_grad_(True)
-                with torch.enable_grad(), capture(module, what=("k_pre", "v"), retain_grad=True) as cap:
-                    logits = module(x).logits
-                    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum")
-                    kl, vl = cap["k_pre"], cap["v"]
-                    tensors = [t for t in kl + vl]
-                    gs = torch.autograd.grad(loss, tensors, allow_unused=True) \
-                        if all(t.requires_grad for t in tensors) else [None] * len(tensors)
-            finally:
-                for p, f in zip(params, flags):
-                    p.requires_grad_(f)
-            if any(g is None for g in gs):
-                raise KVLabError(
-                    "kvquant: fisher=true needs dL/dK and dL/dV, but kvlab.hooks.capture(retain_grad=True) "
-                    "returned tensors that are not on the model's autograd path (no gradient reaches them). "
-                    "Use fisher=false (plain k-means) until capture supports gradients.")
-            n = len(kl)
-            gks.append([g.detach().float().cpu() for g in gs[:n]])
-            gvs.append([g.detach().float().cpu() for g in gs[n:]])
-        else:
-            with torch.no_grad(), capture(module, what=("k_pre", "v"), max_tokens=None) as cap:
-                module(x)
-                kl, vl = cap["k_pre"], cap["v"]
-        ks.append([t.detach().float().cpu() for t in kl])
-        vs.append([t.detach().float().cpu() for t in vl])
-
-    def cat(rows):
-        return [torch.cat(per_layer, 0) for per_layer in zip(*rows)]
-
-    return cat(ks), cat(vs), (cat(gks) if grads else None), (cat(gvs) if grads else None)
 
 
 for _b in (4, 3, 2):

@@ -1,7 +1,7 @@
 """PM-KVQ: Progressive Mixed-precision KV cache Quantization (Liu et al. 2025, "PM-KVQ: Progressive
 Mixed-precision KV Cache Quantization for Long-CoT LLMs", arXiv 2505.18610).
 
-1. Block-wise sensitivity (calibration, `calibrate`): for every layer l and candidate width b,
+1. Block-wise sensitivity (calibration, `kvlab.calibrate` -> `fit`): for every layer l and width b,
        s_K[l, b] = mean | (Q_b(K_l) - K_l) * dL/dK_l |       (same for V; post-RoPE K, as the
    authors' rope-output hooks), from one forward + backward pass of the LM loss on calibration
    text. Q_b is the cache's own quantizer (asymmetric, group `group` along head_dim per token).
@@ -47,7 +47,7 @@ import torch
 
 from ...errors import KVLabError
 from ..allocation import allocate_bits
-from ..base import LayerContext, Method, Quantized, check_choice, check_range
+from ..base import CalibrationNeeds, Captured, LayerContext, Method, Quantized, check_choice, check_range
 from ..primitives import fp16_bits, quantize_uniform
 from ..registry import preset, register
 
@@ -100,29 +100,24 @@ class PMKVQ(Method):
         check_choice(self.name, "allocation", self.allocation, ALLOCATIONS)
 
     # --- allocation ------------------------------------------------------------------------------
-    def set_sensitivity(self, k_sens: torch.Tensor, v_sens: torch.Tensor, sizes=None) -> list[int]:
-        """Store per-layer sensitivities [layers, len(choices)] and solve the allocation; returns widths."""
+    def allocate(self, k_sens: torch.Tensor, v_sens: torch.Tensor, sizes=None) -> list[int]:
+        """Final width per layer from per-layer sensitivities [layers, len(choices)] (the integer program)."""
         k_sens, v_sens = torch.as_tensor(k_sens).double().cpu(), torch.as_tensor(v_sens).double().cpu()
         if k_sens.shape != v_sens.shape or k_sens.dim() != 2 or k_sens.shape[1] != len(self.choices):
             raise KVLabError(f"pmkvq: sensitivities must both be [layers, {len(self.choices)}] "
                              f"(choices {self.choices}), got {tuple(k_sens.shape)} and {tuple(v_sens.shape)}")
-        bits = allocate_bits(k_sens + v_sens, self.choices, self.budget, sizes)
-        object.__setattr__(self, "_calib", {"k": k_sens, "v": v_sens, "bits": bits})
-        return bits
+        return allocate_bits(k_sens + v_sens, self.choices, self.budget, sizes)
 
     def allocated_bits(self, num_layers: int | None = None) -> list[int]:
         """Final width per layer (from calibration, or uniform)."""
-        calib = getattr(self, "_calib", None)
-        if calib is not None:
-            bits = calib["bits"]
-            if num_layers is not None and len(bits) != num_layers:
-                raise KVLabError(f"pmkvq: calibrated for {len(bits)} layers, the model has {num_layers}")
-            return list(bits)
         if self.allocation == "uniform":
             b = max(c for c in self.choices if c <= self.budget)
             return [b] * (num_layers or 1)
-        raise KVLabError("pmkvq: allocation='sensitivity' needs calibrate(model, input_ids) first "
-                         "(kvlab.evaluate does it), or use allocation=uniform")
+        state = self.fitted()
+        bits = state.derived("bits", lambda: self.allocate(state["k"], state["v"]))
+        if num_layers is not None and len(bits) != num_layers:
+            raise KVLabError(f"pmkvq: calibrated for {len(bits)} layers, the model has {num_layers}")
+        return list(bits)
 
     def layer_bits(self, layer: int, num_layers: int, total_tokens: int, quantized_tokens: int) -> tuple[int, bool]:
         """(width, over_budget) of a layer holding `total_tokens`, `quantized_tokens` of them quantized:
@@ -151,77 +146,46 @@ class PMKVQ(Method):
                                                "budget_bits": self.allocated_bits(ctx.num_layers)[ctx.layer]})
 
     # --- calibration -------------------------------------------------------------------------------
-    def calibrate(self, model, input_ids: torch.Tensor) -> None:
-        """Per-layer K/V sensitivities from one LM-loss backward pass (cached on disk), then allocate."""
-        if self.allocation != "sensitivity":
-            return
-        model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
-        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        stride = max(self.max_tokens // ids.shape[-1], 1) if self.interpolate else 1
+    def position_stride(self, calib_tokens: int) -> int:
+        """Positional interpolation: RoPE positions 0, s, 2s, ... with s = max_tokens // T (authors' effective_len)."""
+        return max(self.max_tokens // calib_tokens, 1) if self.interpolate else 1
 
-        def compute() -> dict[str, torch.Tensor]:
-            ks, vs = sensitivity(model, ids, self.choices, min_group=self.group, position_stride=stride)
-            return {"k": ks, "v": vs}
+    def calibration_needs(self, calib_tokens: int) -> CalibrationNeeds | None:
+        """Post-RoPE K and V of the whole calibration batch with dL/dK, dL/dV (L = the mean next-token
+        cross-entropy), positions interpolated to `max_tokens` when `interpolate`."""
+        if not self.needs_calibration:
+            return None
+        return CalibrationNeeds(what=("k", "v"), grads=True, loss="mean",
+                                position_stride=self.position_stride(calib_tokens), to_cpu=False)
 
-        try:
-            from ..calibration import cached, model_fingerprint, tensor_digest
-        except ImportError:  # pragma: no cover - calibration cache not available
-            sens = compute()
-        else:
-            key = {"method": "pmkvq-sensitivity-v1", "model": model_fingerprint(model),
-                   "ids": tensor_digest(ids), "choices": self.choices, "group": self.group, "stride": stride}
-            sens = cached("pmkvq", key, compute)
-        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        self.set_sensitivity(sens["k"], sens["v"])
-        if len(self._calib["bits"]) != cfg.num_hidden_layers:  # pragma: no cover - sanity
-            raise KVLabError("pmkvq: sensitivity layers do not match the model")
+    def calibration_key(self) -> dict:
+        """What changes the sensitivities (the budget and allocation are applied after them)."""
+        return {"method": "pmkvq-sensitivity", "version": 1, "choices": self.choices, "group": self.group}
+
+    def fit(self, captured: Captured) -> dict[str, torch.Tensor]:
+        """Per-layer K/V sensitivities {"k", "v": [layers, len(choices)] float64} from a capture."""
+        ks, vs = sensitivity(captured.tensors["k"], captured.tensors["v"], captured.grads["k"], captured.grads["v"],
+                             self.choices, min_group=self.group)
+        return {"k": ks, "v": vs}
 
 
-def sensitivity(model, input_ids: torch.Tensor, choices, min_group: int = 128,
-                position_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def sensitivity(keys: list[torch.Tensor], values: list[torch.Tensor], kgrads: list[torch.Tensor],
+                vgrads: list[torch.Tensor], choices, min_group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """s[l, c] = mean |(Q_c(X_l) - X_l) * dLoss/dX_l| for X = post-RoPE K and V; returns ([L, C], [L, C]).
 
-    The gradient comes from the mean next-token cross-entropy over `input_ids` [b, T]; positions are
-    0, s, 2s, ... with s = `position_stride` (positional interpolation). Model weights receive no
-    gradients (torch.autograd.grad with respect to the K/V tensors only).
-    """
-    device = next(model.parameters()).device
-    ids = input_ids.to(device)
-    b, T = ids.shape
-    kwargs = {}
-    if position_stride > 1:
-        kwargs["position_ids"] = (torch.arange(T, device=device) * position_stride)[None].expand(b, T)
-    with torch.enable_grad():
-        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        keys, values, logits = _forward_recording(model, emb, kwargs)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 ids[:, 1:].reshape(-1))
-        grads = torch.autograd.grad(loss, keys + values, allow_unused=True)
+    Q_c is the cache's own quantizer at width c (asymmetric, groups of `min_group` along head_dim)."""
     n = len(keys)
-    gk, gv = grads[:n], grads[n:]
-    if any(g is None for g in grads):
-        raise KVLabError("pmkvq: no gradient reached the cached keys/values; the model family may not route its "
-                         "K/V through the cache")
     out_k = torch.zeros(n, len(choices), dtype=torch.float64)
     out_v = torch.zeros(n, len(choices), dtype=torch.float64)
     with torch.no_grad():
         for l in range(n):
             for c, bits in enumerate(choices):
-                for x, g, out in ((keys[l], gk[l], out_k), (values[l], gv[l], out_v)):
+                for x, g, out in ((keys[l], kgrads[l], out_k), (values[l], vgrads[l], out_v)):
                     x = x.detach()
                     grp = min(min_group, x.shape[-1])
                     xh, _ = quantize_uniform(x, bits, dim=-1, group=grp)
                     out[l, c] = ((xh.float() - x.float()) * g.float()).abs().mean().double().cpu()
     return out_k, out_v
-
-
-def _forward_recording(model, emb, kwargs):
-    """One forward that returns (post-RoPE keys per layer, values per layer, logits), all in the graph."""
-    from ...hooks import capture
-
-    with capture(model, what=("k", "v"), retain_grad=True) as cap:
-        out = model(inputs_embeds=emb, **kwargs)
-    return cap["k"], cap["v"], out.logits
 
 
 for _b in (4, 3):

@@ -19,7 +19,7 @@ Spec strings (they must survive `kvlab.quant.parse`, which splits fields on comm
 
 The wrapper declares what the core needs exactly as its inner method does (`needs_attention`,
 `scope`, `key_site`, `token_group`, `sink`, `residual`, `n_recent`, `rewrites_stored`,
-`needs_calibration` + `calibrate`), so the inner method runs under the same conditions as it would
+`needs_calibration` + `calibration_needs` / `fit`), so the inner method runs under the same conditions as it would
 alone; tensors of unselected layers/kinds are returned untouched and accounted at 16 bits. The
 core's sink and residual windows apply to every layer (they are full precision either way).
 HF QuantizedCache comparators (`replaces_cache`) cannot be restricted to layers and are refused.
@@ -113,6 +113,8 @@ class Select(Method):
             raise KVLabError(f"select: inner method '{inner.spec}' replaces the whole cache (HF QuantizedCache) and "
                              "cannot be restricted to layers or to K/V")
         sel = parse_layers(self.layers)
+        if self.state is not None:          # a calibrated select passes its inner method's fit down
+            inner = inner.with_state(self.state)
         object.__setattr__(self, "inner", _encode_inner(inner.spec))
         object.__setattr__(self, "layers", "all" if sel is None else "+".join(map(str, sel)))
         object.__setattr__(self, "_inner", inner)
@@ -180,9 +182,15 @@ class Select(Method):
     def token_group(self) -> int:
         return self._inner.token_group
 
-    def calibrate(self, model, input_ids) -> None:
-        """Calibrate the inner method (all layers: calibration is cached per inner config)."""
-        self._inner.calibrate(model, input_ids)
+    def calibration_needs(self, calib_tokens: int):
+        """The inner method's (all layers: calibration is shared per inner config)."""
+        return self._inner.calibration_needs(calib_tokens)
+
+    def calibration_key(self) -> dict:
+        return self._inner.calibration_key()
+
+    def fit(self, captured):
+        return self._inner.fit(captured)
 
     # --- the rules ------------------------------------------------------------------------------
     def _check_layers(self, num_layers: int) -> None:

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from kvlab import KVLabError, models
+from kvlab.calibration import calibrate
 from kvlab.hooks import quantize
+from kvlab.protocols import supports
 from kvlab.quant import available, parse
 from kvlab.quant.registry import METHODS, PRESETS
 
@@ -25,10 +27,21 @@ def _ids(t=48):
 def _run(lm, spec, protocol):
     method = parse(spec)
     m = lm.model
-    if getattr(method, "replaces_cache", False):
-        pytest.skip("HF QuantizedCache comparators replace the cache: covered by test_qaq_qhitter_pmkvq.py and notebook 05")
-    if getattr(method, "needs_calibration", False):
-        method.calibrate(m, _ids(64))
+    if not supports(method, protocol):
+        pytest.skip(f"{spec} does not run in the {protocol} protocol (kvlab.protocols.check_protocol says why)")
+    backend = getattr(method, "backend", None)
+    if backend is not None:
+        from kvlab.quant.methods.hf_cache import backend_available
+        ok, why = backend_available(backend)
+        if not ok:
+            pytest.skip(why)
+        from kvlab.quant.methods.hf_cache import sliding_layers
+        if sliding_layers(m.config):       # transformers' QuantizedCache refuses them: a clear error instead
+            with pytest.raises(KVLabError, match="sliding-window layers"):
+                with quantize(m, method, protocol=protocol):
+                    m(_ids())
+            return None
+    method = calibrate(lm, method, ids=_ids(64))       # a fitted copy (the method itself if nothing to fit)
     ids = _ids()
     with torch.no_grad(), quantize(m, method, protocol=protocol) as run:
         if protocol == "fake":
@@ -53,7 +66,7 @@ def test_method_runs_on_family(spec, family, protocol):
 def test_every_preset_runs_and_round_trips(spec):
     m = parse(spec)
     assert parse(m.spec) == m
-    _run(models.tiny("llama"), spec, "fake")
+    _run(models.tiny("llama"), spec, "fake" if supports(m, "fake") else "prefill-decode")
 
 
 @pytest.mark.parametrize("bad", ["int:bits=0", "int:group=0", "nosuch:bits=2", "int:bits=two", "int:colour=red"])

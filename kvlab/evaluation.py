@@ -1,4 +1,4 @@
-"""Evaluation protocols (design.md section 3): run a model under a method and return metrics.
+"""Evaluation protocols (docs/design.md section 3): run a model under a method and return metrics.
 
 * `protocol="fake"` (teacher forced): one forward per window; every position attends to quantized
   K/V of every position, itself included (KVQuant's and KIVI's perplexity protocol).
@@ -19,7 +19,6 @@ see `kvlab.quantize(..., attn_error=True)`.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,8 +27,10 @@ import torch
 
 from . import data as data_mod
 from . import diskcache
+from .calibration import calibrate
 from .errors import KVLabError
-from .hooks import PROTOCOLS, quantize
+from .hooks import quantize
+from .protocols import PROTOCOLS, check_protocol
 from .metrics import kl_to_reference, perplexity, token_nll, top1_agreement
 from .models import LoadedModel
 from .quant.base import Method
@@ -114,31 +115,22 @@ def reference_logits(lm: LoadedModel, windows: torch.Tensor, spec: EvalSpec) -> 
     return _FP_LOGITS[mem_key]
 
 
-def _calibrate(lm: LoadedModel, method: Method, spec: EvalSpec) -> None:
-    if not getattr(method, "needs_calibration", False):
-        return
-    ids = data_mod.tokens(lm.tokenizer, spec.data, spec.n_tokens + spec.calib_tokens)[spec.n_tokens:]
-    n = len(ids) // spec.window
-    if n == 0:
-        raise KVLabError(f"calib_tokens={spec.calib_tokens} is smaller than one window ({spec.window})")
-    method.calibrate(lm.model, ids[: n * spec.window].view(n, spec.window).to(lm.device))
+def calibrate_for(lm: LoadedModel, method: Method | str, spec: EvalSpec) -> Method:
+    """`method` fitted on the `calib_tokens` tokens of `spec.data` that follow the evaluation tokens."""
+    return calibrate(lm, method, data=spec.data, n_tokens=spec.calib_tokens, window=spec.window, skip=spec.n_tokens)
 
 
 @torch.no_grad()
-def _window_logits(lm: LoadedModel, method: Method, w: torch.Tensor, spec: EvalSpec, run) -> tuple[torch.Tensor, dict | None]:
-    """Logits of one window (positions predicting tokens 1..window-1) under an installed session or an
-    HF cache; for an HF cache also the bits of what its prefill stored (else None)."""
+def _window_logits(lm: LoadedModel, w: torch.Tensor, spec: EvalSpec) -> torch.Tensor:
+    """Logits of one window (positions predicting tokens 1..window-1) under the installed session."""
     ids = w[None].to(lm.device)
     if spec.protocol == "fake":
-        return lm.model(ids).logits[:, :-1], None
+        return lm.model(ids).logits[:, :-1]
     p = spec.prefill if spec.prefill is not None else spec.window // 2
-    cache = method.make_cache(lm.model.config) if getattr(method, "replaces_cache", False) else None
-    out = lm.model(ids[:, :p], past_key_values=cache, use_cache=True)
-    # HF cache: account what the prefill stored, i.e. what the continuation is scored against
-    bits = method.accounted_bits(out.past_key_values) if run is None else None
+    out = lm.model(ids[:, :p], use_cache=True)
     cont = lm.model(ids[:, p:], past_key_values=out.past_key_values, use_cache=True)
     full = torch.cat([out.logits[:, -1:], cont.logits[:, :-1]], dim=1)     # predicts tokens p .. window-1
-    return torch.cat([torch.zeros_like(full[:, :1]).expand(1, p - 1, -1), full], dim=1), bits
+    return torch.cat([torch.zeros_like(full[:, :1]).expand(1, p - 1, -1), full], dim=1)
 
 
 def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | None = None,
@@ -152,26 +144,17 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     spec = spec or EvalSpec(**spec_kwargs)
     label = method if isinstance(method, str) else method.spec
     method = parse(method)
-    if getattr(method, "replaces_cache", False) and spec.protocol != "prefill-decode":
-        raise KVLabError(f"'{method.spec}' replaces the whole cache (HF QuantizedCache): its prefill attends to "
-                         "full-precision K/V, so compare it with protocol='prefill-decode'")
+    check_protocol(method, spec.protocol)
     windows = data_mod.windows(lm, spec.data, spec.n_tokens, spec.window, spec.stride)
     ref = reference_logits(lm, windows, spec)
-    _calibrate(lm, method, spec)
+    method = calibrate_for(lm, method, spec)
     t0 = time.perf_counter()
     nll_sum = kl_sum = agree_sum = None
     n_scored = 0
-    hf = getattr(method, "replaces_cache", False)
-    hf_bits = []
-    ctx = contextlib.nullcontext() if hf else quantize(lm.model, method, protocol=spec.protocol,
-                                                       attn_error=spec.attn_error)
-    with ctx as run:
+    with quantize(lm.model, method, protocol=spec.protocol, attn_error=spec.attn_error) as run:
         for i, w in enumerate(tqdm(windows, desc=method.spec, disable=not progress, leave=False)):
             sl = _scored_slice(spec, i)
-            logits, bits = _window_logits(lm, method, w, spec, run)
-            logits = logits[:, sl]
-            if bits is not None:
-                hf_bits.append(bits)
+            logits = _window_logits(lm, w, spec)[:, sl]
             targets = w[None, 1:].to(lm.device)[:, sl]
             r = ref[i:i + 1] if torch.is_tensor(ref) else ref[i]
             parts = (token_nll(logits, targets).sum(), kl_to_reference(logits, r).sum(),
@@ -183,65 +166,13 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     nll_v, kl_v, agree_v = torch.stack([nll_sum, kl_sum, agree_sum]).double().cpu().tolist()
     metrics = {"ppl": perplexity(nll_v, n_scored), "kl": kl_v / n_scored, "top1": agree_v / n_scored,
                "n_scored": n_scored, "seconds": seconds}
-    if hf:
-        metrics.update(**method.average_bits(hf_bits),
-                       k_rel_err=float("nan"), v_rel_err=float("nan"), attn_rel_err=float("nan"))
-        layers, info = None, []
-    else:
-        s = run.summary()
-        metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err",
-                                          "attn_rel_err")})
-        layers, info = run.layer_report(), run.info
+    s = run.summary()
+    metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err",
+                                      "attn_rel_err")})
+    layers, info = run.layer_report(), run.info
     metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
                "protocol": spec.protocol, **metrics}
     return EvalResult(metrics, layers, info)
 
 
-def compare(lm: LoadedModel, methods, spec: EvalSpec | None = None, progress: bool = True, store=None,
-            **spec_kwargs):
-    """Evaluate several methods on the same windows; one DataFrame row per method.
-
-    With `store` (a `kvlab.store.Store`), each metric is written as it is computed, so an
-    interrupted comparison keeps every finished method.
-    """
-    import pandas as pd
-
-    spec = spec or EvalSpec(**spec_kwargs)
-    rows = []
-    for m in methods:
-        res = evaluate(lm, m, spec, progress=progress)
-        rows.append(res.metrics)
-        if store is not None:
-            write_result(store, res, spec)
-    return pd.DataFrame(rows)
-
-
 METRICS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err", "attn_rel_err")
-IDENTITY = ("model", "data", "label", "method", "protocol")
-
-
-def write_metrics(store, metrics: dict, config: dict, names=None) -> None:
-    """Write a result's metrics to the results store in one transaction, one row per metric.
-
-    `metrics` holds the identity (model, data, method, protocol; `label` is not stored) and numbers;
-    every finite or NaN number is written unless `names` restricts them. `config` becomes one column
-    per field in `kvlab.store.load()`.
-    """
-    import math
-
-    rows = []
-    for k, v in metrics.items():
-        if k in IDENTITY or (names is not None and k not in names):
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isinf(v)):
-            continue
-        rows.append(dict(model=metrics["model"], data=metrics["data"], method=metrics["method"],
-                         protocol=metrics["protocol"], metric=k, value=float(v), config=config))
-    store.put_many(rows)
-
-
-def write_result(store, res: EvalResult, spec: EvalSpec) -> None:
-    """Write the metrics of an `evaluate` result to the results store (one transaction)."""
-    config = {"n_tokens": spec.n_tokens, "window": spec.window, "stride": spec.stride, "prefill": spec.prefill,
-              "corpus": spec.data}
-    write_metrics(store, res.metrics, config, names=METRICS)

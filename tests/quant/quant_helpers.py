@@ -1,0 +1,30 @@
+"""Helpers shared by the method tests in tests/quant (imported as `from quant_helpers import ...`:
+pytest's default `prepend` import mode puts this folder, which has no __init__.py, on sys.path)."""
+from __future__ import annotations
+
+import torch
+
+from kvlab.quant import AttentionStats, LayerContext
+
+
+# the KIVI / KVQuant tests' context: a chunk of one layer (imported there as `ctx`)
+def layer_ctx(kind, layer=0, start=0, num_layers=1):
+    return LayerContext(layer=layer, num_layers=num_layers, kind=kind, start=start)
+
+
+def rel_err(a, b):
+    return ((a - b).pow(2).mean() / b.pow(2).mean()).item()
+
+
+# the QAQ / PM-KVQ / Q-Hitter / HF-cache tests' context: `t` tokens handed over, `total` in the layer
+# (imported there as `ctx`)
+def token_ctx(kind, t, *, attention=None, start=0, total=None, layer=0, num_layers=1):
+    return LayerContext(layer=layer, num_layers=num_layers, kind=kind, start=start, attention=attention,
+                        total_tokens=t + start if total is None else total)
+
+
+def stats(received_sum=None, received_max=None, query_norm=None, shape=(1, 1, 4)):
+    b, h, t = shape
+    return AttentionStats(received_sum if received_sum is not None else torch.ones(b, h, t),
+                          received_max if received_max is not None else torch.ones(b, h, t),
+                          query_norm if query_norm is not None else torch.ones(b, h), n_recent=1)
