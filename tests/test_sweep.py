@@ -14,7 +14,8 @@ import yaml
 
 from kvlab.errors import KVLabError
 from kvlab.store import Store, load
-from kvlab.sweep import config_hash, expand, main, notebook_parameters, run_sweep
+from kvlab.cli import main as cli_main
+from kvlab.sweep import config_hash, expand, notebook_parameters, run_sweep
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep_fixture.ipynb"
 
@@ -69,7 +70,7 @@ def test_unknown_parameter_fails_before_any_run(tmp_path):
     assert "'bitz'" in msg and "{'x': 1, 'bitz': 4}" in msg and "x, method, store_path, device, sleep" in msg
     assert not (tmp_path / "runs").exists()
     assert load(path=tmp_path / "results.sqlite").empty
-    assert main([_write_yaml(tmp_path, spec), "--store", str(tmp_path / "r2.sqlite"),
+    assert cli_main(["sweep", _write_yaml(tmp_path, spec), "--store", str(tmp_path / "r2.sqlite"),
                  "--runs-dir", str(tmp_path / "runs")]) == 2
     assert not (tmp_path / "runs").exists()
 
@@ -141,7 +142,7 @@ def test_sigkill_midway_then_resume(tmp_path):
     spec = {"name": "killed", "notebook": "nb.ipynb", "parameters": {"sleep": 0.5}, "grid": {"x": [1, 2, 3]}}
     yml = _write_yaml(tmp_path, spec)
     store = tmp_path / "results.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "kvlab.sweep", yml, "--store", str(store),
+    proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "sweep", yml, "--store", str(store),
                              "--runs-dir", str(tmp_path / "runs"), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     hashes = [config_hash(nb, c) for c in expand(yml)]
@@ -194,3 +195,21 @@ def test_hung_cell_times_out_and_the_sweep_goes_on(tmp_path):
     assert s["seconds"] < 50
     with pytest.raises(KVLabError, match="timeout must be a positive"):
         _run(_spec(grid={"x": [1]}), tmp_path, timeout=-1)
+
+
+def test_kernels_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    """Each config's kernel gets OMP_NUM_THREADS: $KVLAB_THREADS, else the cores divided among workers."""
+    import os
+
+    from kvlab.sweep.driver import worker_threads
+
+    monkeypatch.delenv("KVLAB_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    assert worker_threads(1, 5) == cores and worker_threads(2, 5) == max(1, cores // 2)
+    assert worker_threads(8, 1) == cores          # one job: one worker runs, it gets every core
+    monkeypatch.setenv("KVLAB_THREADS", "3")
+    assert worker_threads(2, 5) == 3
+    res = _run(_spec(parameters={"x": 4}), tmp_path)
+    assert res["ok"] == 1
+    row = Store(tmp_path / "results.sqlite").rows()[0]
+    assert row["extra"]["omp_threads"] == "3"
