@@ -1,4 +1,4 @@
-"""Hook overhead on the embedded model: forward-time ratios against the bare model (design.md section 7).
+"""Hook overhead on the embedded model: forward-time ratios against the bare model (docs/design.md section 7).
 
 Prints identity/bare, int4/bare and stats/bare (attention statistics) for one fake-quant forward of
 `--tokens` tokens, as the median of interleaved repeats. Targets: <= 1.02, <= 1.05, <= 2.0.
