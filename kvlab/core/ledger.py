@@ -46,6 +46,15 @@ class Ledger:
             self._add(self.err2, (layer, kind), err2)
             self._add(self.norm2, (layer, kind), norm2)
 
+    def close_regions(self) -> None:
+        """A sequence ended: its rewritten regions (the last record of each layer) become permanent, so the
+        next sequence's rewrites replace only its own region."""
+        for key, (bits, err2, norm2) in self.region.items():
+            self._add(self.bits, key, bits)
+            self._add(self.err2, key, err2)
+            self._add(self.norm2, key, norm2)
+        self.region = {}
+
     def attention(self, layer: int, out: torch.Tensor, ref: torch.Tensor) -> None:
         """Add one attention call's squared output error and reference norm (same queries, fp K/V)."""
         err2 = torch.linalg.vector_norm(out.float() - ref.float(), dtype=torch.float32) ** 2

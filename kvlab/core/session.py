@@ -177,6 +177,7 @@ class Session:
         if self.policy is not None:
             for key, (n, fp) in self.policy.stored_counts().items():     # the finished sequence's cache, for good
                 self.ledger.count(*key, n, fp)
+            self.ledger.close_regions()
         self.stats = [None] * self.n_layers
         self.recorder.new_sequence()
 
