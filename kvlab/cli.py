@@ -112,19 +112,22 @@ def cmd_eval(args) -> None:
     check_device(args.device)      # a missing GPU / CUDA build fails here, before any weights are read
     kind = task_kind(args.task)
     opts = {"ppl": dict(data=args.data, n_tokens=args.n_tokens, window=args.window, stride=args.stride,
-                        prefill=args.prefill),
+                        prefill=args.prefill, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
+                                                 else {})),
             "choice": dict(n=args.n or 100, seed=args.seed),
             "summary": dict(n=args.n or 50, seed=args.seed, n_shot=args.n_shot,
-                            max_new_tokens=args.max_new_tokens)}[kind]
+                            max_new_tokens=args.max_new_tokens),
+            "passkey": dict(seed=args.seed, n_per_cell=args.n or 1)}[kind]
     store = None
     if not args.no_store:
         from .store import Store
         store = Store(args.store)
     lm = load(args.model, device=args.device)
     df = run_task(lm, args.task, args.method, store=store, protocol=args.protocol, recompute=args.recompute, **opts)
-    cols = {"ppl": ["avg_bits", "ppl", "kl", "top1", "k_rel_err", "v_rel_err", "attn_rel_err"],
+    cols = {"ppl": ["avg_bits", "avg_bits_step_mean", "ppl", "kl", "top1", "k_rel_err", "v_rel_err", "attn_rel_err"],
             "choice": ["avg_bits", "acc", "acc_ci_low", "acc_ci_high", "acc_norm", "agree_fp", "ll_delta"],
-            "summary": ["rouge1", "rouge2", "rougeL", "rougeL_fp", "exact_fp"]}[kind]
+            "summary": ["rouge1", "rouge2", "rougeL", "rougeL_fp", "exact_fp"],
+            "passkey": ["passkey_exact", "passkey_digits", "n_examples"]}[kind]
     cols = ["label", "method", "protocol"] + [c for c in cols if c in df.columns] + ["cached"]
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(df[cols].round(4).to_string(index=False))
@@ -206,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "piqa, mathqa, truthfulqa) or a summarization task (lead-wiki, xsum)")
     e.add_argument("--data", default="wiki", help="ppl: the corpus")
     e.add_argument("--method", action="append", required=True, help="a spec or preset; repeat for several")
-    e.add_argument("--protocol", default=None, choices=["fake", "prefill-decode"],
-                   help="default: fake for ppl and multiple choice, prefill-decode for summaries")
+    e.add_argument("--protocol", default=None, choices=["fake", "prefill-decode", "decode"],
+                   help="default: fake for ppl and multiple choice, prefill-decode for summaries; decode: "
+                   "the continuation one token per forward (ppl)")
+    e.add_argument("--decode-chunk", type=int, default=1, help="decode: continuation tokens per forward "
+                   "(1 = token by token; more is an approximation, named in the results key)")
     e.add_argument("--n", type=int, default=None, help="tasks: examples (default 100 multiple choice, 50 summaries)")
     e.add_argument("--seed", type=int, default=0, help="tasks: example sampling seed")
     e.add_argument("--n-shot", type=int, default=0, help="summaries: few-shot examples per prompt")

@@ -5,6 +5,10 @@
 * `protocol="prefill-decode"`: each window's first `prefill` tokens are prefilled at full
   precision and stored quantized; the rest are scored against that cache (QAQ's evaluator, and
   how a deployed cache behaves). HF QuantizedCache comparators run here.
+* `protocol="decode"`: the prefill as in prefill-decode, then the continuation fed `decode_chunk`
+  tokens per forward (1: a deployed decode; every per-step rule of the method runs at every step),
+  each token scored against the cache as the method maintains it at that step; the summary adds
+  `avg_bits_step_mean` and `avg_bits_end` (bits of the cache each step read).
 
 KL divergence and top-1 agreement compare with the same model's fp logits on the same tokens;
 those are computed once per (model, data) and cached on disk (`kvlab.diskcache`, folder
@@ -49,27 +53,39 @@ class EvalSpec:
     window: int = 512
     stride: int | None = None
     protocol: str = "fake"
-    prefill: int | None = None          # prefill-decode: tokens prefilled per window (default window // 2)
+    prefill: int | None = None          # prefill-decode / decode: tokens prefilled per window (default window // 2)
     calib_tokens: int = 2048            # calibration tokens for methods that need them (taken after the eval range)
     attn_error: bool = True             # also measure the per-layer attention-output error (attn_rel_err)
+    decode_chunk: int = 1               # decode: continuation tokens per forward (> 1 is an approximation)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise KVLabError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.protocol == "prefill-decode":
-            p = self.prefill if self.prefill is not None else self.window // 2
+        if not isinstance(self.decode_chunk, int) or isinstance(self.decode_chunk, bool) or self.decode_chunk < 1:
+            raise KVLabError(f"decode_chunk must be an int >= 1 (tokens per forward), got {self.decode_chunk!r}")
+        if self.decode_chunk != 1 and self.protocol != "decode":
+            raise KVLabError("decode_chunk applies to protocol='decode' only; leave it at 1")
+        if self.protocol in ("prefill-decode", "decode"):
+            p = self.prefill_tokens
             if not 1 <= p < self.window:
                 raise KVLabError(f"prefill must be in [1, window={self.window}), got {p}")
             if self.stride not in (None, self.window):
-                raise KVLabError("stride applies to the fake protocol only; leave it None for prefill-decode")
+                raise KVLabError(f"stride applies to the fake protocol only; leave it None for {self.protocol}")
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens prefilled per window in prefill-decode / decode (default window // 2)."""
+        return self.prefill if self.prefill is not None else self.window // 2
 
     @property
     def key(self) -> str:
         s = f"{self.data}:n={self.n_tokens},w={self.window}"
         if self.stride not in (None, self.window):
             s += f",s={self.stride}"
-        if self.protocol == "prefill-decode":
-            s += f",prefill={self.prefill if self.prefill is not None else self.window // 2}"
+        if self.protocol in ("prefill-decode", "decode"):
+            s += f",prefill={self.prefill_tokens}"
+        if self.protocol == "decode" and self.decode_chunk != 1:
+            s += f",chunk={self.decode_chunk}"        # an approximation of token-by-token decoding, named
         return s
 
 
@@ -82,9 +98,8 @@ class EvalResult:
 
 def _scored_slice(spec: EvalSpec, i: int) -> slice:
     """Positions (of logits[:, :-1] in the fake protocol) whose next-token prediction is scored."""
-    if spec.protocol == "prefill-decode":
-        p = spec.prefill if spec.prefill is not None else spec.window // 2
-        return slice(p - 1, spec.window - 1)
+    if spec.protocol in ("prefill-decode", "decode"):
+        return slice(spec.prefill_tokens - 1, spec.window - 1)
     stride = spec.stride or spec.window
     first = 0 if i == 0 else spec.window - stride
     return slice(first, spec.window - 1)
@@ -126,10 +141,17 @@ def _window_logits(lm: LoadedModel, w: torch.Tensor, spec: EvalSpec) -> torch.Te
     ids = w[None].to(lm.device)
     if spec.protocol == "fake":
         return lm.model(ids).logits[:, :-1]
-    p = spec.prefill if spec.prefill is not None else spec.window // 2
+    p = spec.prefill_tokens
     out = lm.model(ids[:, :p], use_cache=True)
-    cont = lm.model(ids[:, p:], past_key_values=out.past_key_values, use_cache=True)
-    full = torch.cat([out.logits[:, -1:], cont.logits[:, :-1]], dim=1)     # predicts tokens p .. window-1
+    # prefill-decode: the continuation in one call; decode: `decode_chunk` tokens per call. The last token
+    # is fed too (its prediction is dropped), so a chunk covering the continuation IS prefill-decode.
+    chunk = spec.window - p if spec.protocol == "prefill-decode" else spec.decode_chunk
+    pieces, past = [out.logits[:, -1:]], out.past_key_values
+    for s in range(p, spec.window, chunk):
+        step = lm.model(ids[:, s:s + chunk], past_key_values=past, use_cache=True)
+        pieces.append(step.logits)
+        past = step.past_key_values
+    full = torch.cat(pieces, dim=1)[:, :-1]                                 # predicts tokens p .. window-1
     return torch.cat([torch.zeros_like(full[:, :1]).expand(1, p - 1, -1), full], dim=1)
 
 
@@ -168,11 +190,12 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
                "n_scored": n_scored, "seconds": seconds}
     s = run.summary()
     metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err",
-                                      "attn_rel_err")})
+                                      "attn_rel_err", "avg_bits_step_mean", "avg_bits_end") if k in s})
     layers, info = run.layer_report(), run.info
     metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
                "protocol": spec.protocol, **metrics}
     return EvalResult(metrics, layers, info)
 
 
-METRICS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err", "attn_rel_err")
+METRICS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err", "attn_rel_err",
+           "avg_bits_step_mean", "avg_bits_end")

@@ -80,7 +80,8 @@ class Perplexity(Task):
     @property
     def config(self) -> dict:
         s = self.spec
-        return {"n_tokens": s.n_tokens, "window": s.window, "stride": s.stride, "prefill": s.prefill, "corpus": s.data}
+        return {"n_tokens": s.n_tokens, "window": s.window, "stride": s.stride, "prefill": s.prefill, "corpus": s.data,
+                **({"decode_chunk": s.decode_chunk} if s.protocol == "decode" else {})}
 
     def evaluate(self, lm, method, progress=True) -> dict:
         from .evaluation import evaluate

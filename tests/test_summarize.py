@@ -354,7 +354,7 @@ def test_run_task_writes_store(tiny, cache):
 
 def test_bad_inputs(tiny, cache):
     with pytest.raises(KVLabError, match="protocol"):
-        S.evaluate_summaries(tiny, "fp16", protocol="decode", **FAST)
+        S.evaluate_summaries(tiny, "fp16", protocol="online", **FAST)
     with pytest.raises(KVLabError, match="max_new_tokens"):
         S.evaluate_summaries(tiny, "fp16", **dict(FAST, max_new_tokens=0))
     with pytest.raises(KVLabError, match="positions"):

@@ -16,8 +16,9 @@ from ..quant.base import Method
 class ExternalCache:
     """The bookkeeping of a cache-replacing method inside a session."""
 
-    def __init__(self, method: Method, config):
-        self.method, self.config = method, config
+    def __init__(self, method: Method, config, per_step: bool = False):
+        self.method, self.config, self.per_step = method, config, per_step
+        self.step_ratios: list[float] = []        # decode: bits per element of the cache each call read
         self.records: list[dict] = []             # one per finished sequence
         self.current: dict | None = None          # the live sequence's cache, before its latest call
         self.current_layers: list[dict] = []      # the same, per layer
@@ -33,6 +34,9 @@ class ExternalCache:
         """A later call of the sequence is about to read `cache`: record what it stores."""
         self.current = self.method.accounted_bits(cache)
         self.current_layers = self.method.accounted_layers(cache)
+        n = self.current["k_elems"] + self.current["v_elems"]
+        if self.per_step and n:
+            self.step_ratios.append((self.current["k_bits"] + self.current["v_bits"]) / n)
 
     def summary(self) -> dict:
         records = self.records + ([self.current] if self.current is not None else [])
@@ -40,7 +44,12 @@ class ExternalCache:
         bits = self.method.average_bits(records) if records else {"avg_bits_k": nan, "avg_bits_v": nan,
                                                                    "avg_bits": nan}
         packed = sum(r["packed_bytes"] for r in records) if records else nan
-        return {**bits, "packed_bytes": packed, "k_rel_err": nan, "v_rel_err": nan, "attn_rel_err": nan}
+        out = {**bits, "packed_bytes": packed, "k_rel_err": nan, "v_rel_err": nan, "attn_rel_err": nan}
+        if self.per_step:
+            r = self.step_ratios
+            out.update(avg_bits_step_mean=sum(r) / len(r) if r else nan, avg_bits_end=r[-1] if r else nan,
+                       decode_steps=len(r))
+        return out
 
     def layer_report(self):
         """Per layer of the live sequence's cache before its latest call: bits per element of K and V

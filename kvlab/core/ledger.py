@@ -46,6 +46,14 @@ class Ledger:
             self._add(self.err2, (layer, kind), err2)
             self._add(self.norm2, (layer, kind), norm2)
 
+    def total_bits(self) -> torch.Tensor | None:
+        """All bits booked so far (rewritten regions included), one device scalar; None before any."""
+        parts = [b for b in self.bits.values() if b is not None] + [r[0] for r in self.region.values()]
+        if not parts:
+            return None
+        dev = parts[0].device
+        return torch.stack([p.float().to(dev) for p in parts]).sum()
+
     def close_regions(self) -> None:
         """A sequence ended: its rewritten regions (the last record of each layer) become permanent, so the
         next sequence's rewrites replace only its own region."""

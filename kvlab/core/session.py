@@ -48,7 +48,8 @@ class Session:
             raise KVLabError(f"method '{method.spec}': pre-RoPE keys with whole-cache scope is not supported")
         self.model, self.method, self.protocol_name = model, method, protocol
         # a method that brings its own cache (HF QuantizedCache) needs no hooks but the cache supply
-        self.external = ExternalCache(method, model.config) if getattr(method, "replaces_cache", False) else None
+        self.external = ExternalCache(method, model.config, per_step=protocol == "decode") \
+            if getattr(method, "replaces_cache", False) else None
         self.policy = policy_cls(self, method) if method is not None and self.external is None else None
         self.attn_error = bool(attn_error and self.policy is not None)
         self.n_layers = self.arch.n_layers
@@ -154,7 +155,11 @@ class Session:
         return args, kwargs
 
     def _post_forward(self, module, args, kwargs, output):
-        if self.phase == "stats" or not self._finite:
+        if self.phase == "stats":
+            return None
+        if self.policy is not None:
+            self.policy.after_call()
+        if not self._finite:
             return None
         entries, self._finite = self._finite, []
         dev = entries[0][0].device                 # layers may sit on several devices (device_map)
@@ -287,5 +292,7 @@ class Session:
     def summary(self) -> dict:
         """Average bits per element for K, V and overall, packed bytes, mean relative K/V error."""
         numbers = self.external.summary() if self.external is not None else summarize(self.layer_report())
+        if self.policy is not None:
+            numbers.update(self.policy.extra_summary())
         return {"method": self.method.spec if self.method is not None else None, "protocol": self.protocol,
                 **numbers}

@@ -1,4 +1,4 @@
-"""Evaluation protocols as cache policies: one class per file (`fake.py`, `prefill_decode.py`).
+"""Evaluation protocols as cache policies: one class per file (`fake.py`, `prefill_decode.py`, `decode.py`).
 
 `PROTOCOLS` names every protocol a session accepts; `protocol_class(name)` finds its class. A new
 protocol is one file with a `Protocol` subclass (see `base.py` for the interface) and one entry here.
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from ..errors import KVLabError
 from .base import Protocol
+from .decode import Decode
 from .fake import Fake
 from .prefill_decode import PrefillDecode
 
-_CLASSES: dict[str, type[Protocol]] = {cls.name: cls for cls in (Fake, PrefillDecode)}
+_CLASSES: dict[str, type[Protocol]] = {cls.name: cls for cls in (Fake, PrefillDecode, Decode)}
 PROTOCOLS: tuple[str, ...] = tuple(_CLASSES)
 
 
@@ -42,4 +43,4 @@ def protocol_class(name: str) -> type[Protocol]:
     return _CLASSES[name]
 
 
-__all__ = ["PROTOCOLS", "Protocol", "Fake", "PrefillDecode", "check_protocol", "protocol_class", "supports"]
+__all__ = ["PROTOCOLS", "Protocol", "Fake", "PrefillDecode", "Decode", "check_protocol", "protocol_class", "supports"]

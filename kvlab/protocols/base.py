@@ -7,6 +7,7 @@ A protocol is a cache policy, one small class per file in this package. The sess
                                 runs it (fake: the full-precision statistics pass over its input)
     keys_pre_rope(layer, k)     pre-RoPE keys of one call (methods with key_site="pre_rope")
     store(layer, k, v)          new post-RoPE K/V about to enter the cache layer -> what it stores
+    after_call()                a forward of the sequence finished (decode: per-step bits)
     wants_statistics(phase)     whether attention statistics are collected in this phase
     reads_stored_cache(layer)   whether this attention call reads tokens stored by earlier calls
     stored_counts()             elements of the live cache not yet in the ledger (for reports)
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class Protocol:
-    """Base class of the cache policies (`fake`, `prefill-decode`)."""
+    """Base class of the cache policies (`fake`, `prefill-decode`, `decode`)."""
 
     name: ClassVar[str] = "base"
 
@@ -41,6 +42,13 @@ class Protocol:
     # -- lifecycle -----------------------------------------------------------------------------------
     def begin_sequence(self, args: tuple, kwargs: dict) -> None:
         """A fresh forward (no past) starts a new sequence; `args`/`kwargs` are that forward's inputs."""
+
+    def after_call(self) -> None:
+        """A forward of the sequence finished (the decode protocol books its per-step bits here)."""
+
+    def extra_summary(self) -> dict:
+        """Numbers this protocol adds to `run.summary()`."""
+        return {}
 
     # -- interception points ---------------------------------------------------------------------------
     def keys_pre_rope(self, layer: int, k: torch.Tensor) -> torch.Tensor | None:
