@@ -78,6 +78,15 @@ class KVLabLayer:
         """Tokens a sliding-window layer has already dropped from its front."""
         return self.n_seen - self.get_seq_length()
 
+    def token_spans(self) -> TokenSpans:
+        """Sink / quantized / full-precision spans of this layer's stored tokens, under the session's
+        method and protocol (a capture-only session quantizes nothing: everything is full precision)."""
+        policy = getattr(self._kvlab, "policy", None)
+        if policy is None:
+            T = self.get_seq_length()
+            return TokenSpans(0, 0, T)
+        return policy.token_spans(self)
+
 
 def _fit(t: torch.Tensor, length: int, fill) -> torch.Tensor:
     """Pad (with `fill`) or crop the token axis (last) of t to `length`, keeping the most recent."""

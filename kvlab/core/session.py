@@ -280,7 +280,7 @@ class Session:
         """Sink / quantized / full-precision spans of `layer`'s stored tokens in the live cache."""
         if self.cache is None or self.policy is None:
             raise KVLabError("token_spans needs a quantize block that has run the model")
-        return self.policy.token_spans(self.cache.layers[layer])
+        return self.cache.layers[layer].token_spans()
 
     def layer_report(self):
         """Per-layer bits per element (metadata included) and relative error for K and V."""
