@@ -20,14 +20,16 @@ from .prefill_decode import PrefillDecode
 class Decode(PrefillDecode):
     name = "decode"
 
+    def __init__(self, session, method):
+        super().__init__(session, method)
+        self.step_ratio_sum: torch.Tensor | None = None       # sum over steps of (bits / elements), all sequences
+        self.steps = 0
+        self.last_ratio: torch.Tensor | None = None
+        self.baseline: torch.Tensor | None = None
+
     def begin_sequence(self, args: tuple, kwargs: dict) -> None:
         super().begin_sequence(args, kwargs)
-        ledger = self.session.ledger
-        if not hasattr(self, "step_ratio_sum"):
-            self.step_ratio_sum: torch.Tensor | None = None   # sum over steps of (bits / elements)
-            self.steps = 0
-            self.last_ratio: torch.Tensor | None = None
-        self.baseline = ledger.total_bits()                   # bits booked by earlier sequences
+        self.baseline = self.session.ledger.total_bits()     # bits booked by earlier sequences
 
     def after_call(self) -> None:
         """The call finished: book the average bits of the stored cache it read (if any was stored)."""
