@@ -19,8 +19,9 @@ a leading space as lm-eval writes them):
 Protocols: `fake` scores context + choice in one teacher-forced forward in which every position
 attends to quantized K/V; `prefill-decode` prefills the context, stores it quantized (methods keep
 their fp residual window) and scores the choice on that cache in a second forward, the first choice
-token predicted by the prefill's last logit (QAQ's evaluator). HF QuantizedCache comparators run in
-prefill-decode only. Each (example, choice) is its own unpadded sequence, so no quantizer sees pads.
+token predicted by the prefill's last logit (QAQ's evaluator); `decode` scores the choice one token per
+forward against the cache the method maintains at each step. HF QuantizedCache comparators run in
+prefill-decode and decode. Each (example, choice) is its own unpadded sequence, so no quantizer sees pads.
 The fp reference (the bare model's log-likelihoods) is cached on disk per (model, task data, protocol).
 """
 from __future__ import annotations
@@ -224,16 +225,20 @@ def _encode_pair(tok: Any, context: str, choice: str) -> tuple[list[int], list[i
 def _loglik(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: str) -> torch.Tensor:
     """Summed log-probability (0-d device tensor) of `cont` [1, C] after `ctx` [1, T], under whatever
     session is installed: one teacher-forced forward (fake), or the context stored first and the choice
-    scored against that cache (prefill-decode)."""
+    scored against that cache (prefill-decode: in one call; decode: one token per forward)."""
     n = cont.shape[1]
     if protocol == "fake":
         logits = lm.model(torch.cat([ctx, cont[:, :-1]], 1), logits_to_keep=n).logits
     else:
         out = lm.model(ctx, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1:]
-        if n > 1:
-            nxt = lm.model(cont[:, :-1], past_key_values=out.past_key_values, use_cache=True).logits
-            logits = torch.cat([logits, nxt], 1)
+        pieces, past = [out.logits[:, -1:]], out.past_key_values
+        # prefill-decode: the choice's tokens in one call; decode: one token per forward
+        step = max(n - 1, 1) if protocol == "prefill-decode" else 1
+        for s in range(0, n - 1, step):
+            nxt = lm.model(cont[:, s:min(s + step, n - 1)], past_key_values=past, use_cache=True)
+            pieces.append(nxt.logits)
+            past = nxt.past_key_values
+        logits = torch.cat(pieces, 1)
     return logits.float().log_softmax(-1).gather(-1, cont[..., None]).sum()
 
 

@@ -115,3 +115,25 @@ def test_hf_cache_decode_reports_bits_per_step():
         _token_loop(m, _ids(24), 8)
     s = run.summary()
     assert s["decode_steps"] == 16 and 8 <= s["avg_bits_end"] < 9
+
+
+@torch.no_grad()
+def test_choice_loglik_in_decode_equals_a_token_loop():
+    """Multiple choice in decode: the choice's log-likelihood from one token per forward, as a hand loop."""
+    from kvlab.choice import _loglik
+
+    lm = kvlab.tiny("llama")
+    m = lm.model
+    ctx, cont = _ids(20), _ids(6, 3)
+    out = m(ctx, past_key_values=DynamicCache(config=m.config), use_cache=True, logits_to_keep=1)
+    past, logits = out.past_key_values, [out.logits]
+    for t in range(5):                                            # the choice's tokens but its last, one by one
+        out = m(cont[:, t:t + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits.append(out.logits)
+    want = torch.cat(logits, 1).float().log_softmax(-1).gather(-1, cont[..., None]).sum()
+    with quantize(m, "fp16", protocol="decode"):
+        got = _loglik(lm, ctx, cont, "decode")
+    assert torch.equal(got, want)
+    with quantize(m, "fp16", protocol="prefill-decode"):          # one-token choices take no second call
+        assert torch.isfinite(_loglik(lm, ctx, cont[:, :1], "prefill-decode"))
