@@ -35,7 +35,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

@@ -72,6 +72,13 @@ class EvalSpec:
             if self.stride not in (None, self.window):
                 raise KVLabError(f"stride applies to the fake protocol only; leave it None for {self.protocol}")
 
+    @classmethod
+    def from_args(cls, spec: "EvalSpec | None", fields: dict) -> "EvalSpec":
+        """`spec`, or an EvalSpec built from `fields` (functions that take either; never both)."""
+        if spec is not None and fields:
+            raise KVLabError(f"pass either spec=EvalSpec(...) or its fields ({', '.join(fields)}), not both")
+        return spec or cls(**fields)
+
     @property
     def prefill_tokens(self) -> int:
         """Tokens prefilled per window in prefill-decode / decode (default window // 2)."""

@@ -27,12 +27,6 @@ from .tasks import Perplexity, run_task
 RESULT_COLUMNS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err")
 
 
-def _spec(spec: EvalSpec | None, spec_kwargs: dict) -> EvalSpec:
-    if spec is not None and spec_kwargs:
-        raise KVLabError(f"pass either spec=EvalSpec(...) or its fields ({', '.join(spec_kwargs)}), not both")
-    return spec or EvalSpec(**spec_kwargs)
-
-
 def evaluate_many(lm: LoadedModel, methods: Iterable[str], spec: EvalSpec | None = None, store=None,
                   progress: bool = True, **spec_kwargs):
     """The perplexity task for each method (spec string) on the same windows (`kvlab.tasks.run_task`).
@@ -42,7 +36,7 @@ def evaluate_many(lm: LoadedModel, methods: Iterable[str], spec: EvalSpec | None
     Columns: label (as given), method (canonical spec), ppl, kl, top1, avg_bits(_k/_v), k/v_rel_err,
     seconds (the method's pass; NaN when cached), cached.
     """
-    spec = _spec(spec, spec_kwargs)
+    spec = EvalSpec.from_args(spec, spec_kwargs)
     df = run_task(lm, Perplexity(spec), methods, store=store, progress=progress)
     if "seconds" not in df:
         df["seconds"] = float("nan")
@@ -72,9 +66,7 @@ def layer_sensitivity(lm: LoadedModel, bits: Sequence[int] = (2, 3, 4), kinds: S
     top1, avg_bits_k/v (of the whole cache), ppl_fp, delta_ppl (ppl - ppl_fp),
     rel_delta_ppl (ppl / ppl_fp - 1), cached, seconds.
     """
-    import pandas as pd
-
-    spec = _spec(spec, spec_kwargs)
+    spec = EvalSpec.from_args(spec, spec_kwargs)
     n_layers = len(_layer_modules(lm))
     layers = list(range(n_layers)) if layers is None else [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < n_layers]
@@ -133,7 +125,7 @@ def outlier_grid(lm: LoadedModel, bits: Sequence[int] = (2, 3, 4),
     Returns a DataFrame: family ("nuq" / "int" / "baseline"), bits, outliers, method, ppl, kl, top1,
     avg_bits, ..., ppl_fp, delta_ppl.
     """
-    spec = _spec(spec, spec_kwargs)
+    spec = EvalSpec.from_args(spec, spec_kwargs)
     rows = [("nuq" if q else "int", int(b), float(r), kvquant_spec(b, r, q, extra))
             for q in nuq for b in bits for r in ratios]
     if baseline:

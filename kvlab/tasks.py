@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 from .errors import KVLabError
 from .evaluation import METRICS, EvalSpec
@@ -259,6 +259,4 @@ def compare(lm: LoadedModel, methods: Iterable[Method | str], spec: EvalSpec | N
             store=None, **spec_kwargs: Any):
     """`kvlab.compare`: the perplexity task for several methods on the same windows (`run_task` with
     `Perplexity(spec)`); one DataFrame row per method."""
-    if spec is not None and spec_kwargs:
-        raise KVLabError(f"pass either spec=EvalSpec(...) or its fields ({', '.join(spec_kwargs)}), not both")
-    return run_task(lm, Perplexity(spec or EvalSpec(**spec_kwargs)), methods, store=store, progress=progress)
+    return run_task(lm, Perplexity(EvalSpec.from_args(spec, spec_kwargs)), methods, store=store, progress=progress)

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 import kvlab
 from kvlab import evaluation as E

@@ -113,7 +113,7 @@ class Protocol:
         spans, ks, vs, ctxs_k = [], [], [], []
         for layer in layers:
             T = layer.get_seq_length()
-            s = min(max(m.sink_tokens - layer.dropped, 0), T)
+            s = self.sink_end(layer)
             e = end_of(layer, s, T)
             spans.append((s, e, T))
             ks.append(layer.keys[..., s:e, :])

@@ -65,7 +65,7 @@ class PrefillDecode(Protocol):
             return
         T = layer.get_seq_length()
         start = T - layer.pending
-        sink_end = min(max(m.sink_tokens - layer.dropped, 0), T)
+        sink_end = self.sink_end(layer)
         if start < sink_end:
             start = sink_end
             layer.pending = T - start
@@ -120,7 +120,7 @@ class PrefillDecode(Protocol):
                 continue
             b, h, T, d = layer.keys.shape
             stored = T - min(layer.last_new, T)
-            quantized = T - layer.pending - min(max(self.method.sink_tokens - layer.dropped, 0), T)
+            quantized = T - layer.pending - self.sink_end(layer)
             if self.method.scope == "cache" and not self.whole_cache_done:
                 quantized = 0
             quantized = max(min(quantized, stored), 0)

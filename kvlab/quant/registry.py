@@ -1,7 +1,6 @@
 """Name -> method class, presets, and spec-string parsing (`kivi:bits=2,group=32,residual=128`)."""
 from __future__ import annotations
 
-import dataclasses
 import typing
 import warnings
 
