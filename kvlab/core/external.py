@@ -32,8 +32,8 @@ class ExternalCache:
 
     def before_call(self, cache) -> None:
         """A later call of the sequence is about to read `cache`: record what it stores."""
-        self.current = self.method.accounted_bits(cache)
-        self.current_layers = self.method.accounted_layers(cache)
+        self.current_layers = self.method.accounted_layers(cache)      # read the cache once per call
+        self.current = self.method.totals(self.current_layers)
         n = self.current["k_elems"] + self.current["v_elems"]
         if self.per_step and n:
             self.step_ratios.append((self.current["k_bits"] + self.current["v_bits"]) / n)

@@ -122,7 +122,11 @@ class HFQuantizedCache(Method):
         `measured_bytes` is what the backend's tensors actually occupy (codes, scales and zeros in
         their own dtypes, residual in the model dtype). Per layer: `accounted_layers(cache)`.
         """
-        rows = self.accounted_layers(cache)
+        return self.totals(self.accounted_layers(cache))
+
+    @staticmethod
+    def totals(rows: list[dict]) -> dict:
+        """`accounted_bits` from per-layer rows (`accounted_layers`), without reading the cache again."""
         tot = {k: sum(r[k] for r in rows) for k in ("k_bits", "v_bits", "k_elems", "v_elems", "measured_bytes")}
         tot["packed_bytes"] = (tot["k_bits"] + tot["v_bits"]) / 8.0
         return tot
