@@ -101,6 +101,31 @@ class EvalResult:
     metrics: dict
     layers: object = None            # pandas DataFrame: per-layer bits and relative errors
     info: list = field(default_factory=list)
+    trace: dict = field(default_factory=dict)   # per position / per decode step (see `evaluate`)
+
+
+TRACE_STEPS = 256      # per-layer bits are kept at (at most) this many evenly spaced decode steps
+
+
+def _trace(pos_sums: torch.Tensor, pos_count: torch.Tensor, steps: dict | None) -> dict:
+    """Per-position means over windows (token index in the window of the predicted token) and, in decode,
+    the bits of the cache each step read, averaged over windows, by stored tokens."""
+    import numpy as np
+
+    scored = (pos_count > 0).nonzero().flatten()
+    means = (pos_sums.cpu()[:, scored] / pos_count[scored]).tolist()
+    trace = {"position": (scored + 1).tolist(), "nll": means[0], "kl": means[1], "top1": means[2]}
+    if steps is not None and len(steps["avg_bits"]):
+        tokens = np.unique(steps["tokens"])
+        at = np.searchsorted(tokens, steps["tokens"])
+        count = np.bincount(at, minlength=len(tokens))
+        avg = np.bincount(at, weights=steps["avg_bits"], minlength=len(tokens)) / count
+        layer = np.stack([np.bincount(at, weights=steps["layer_bits"][:, j], minlength=len(tokens)) / count
+                          for j in range(steps["layer_bits"].shape[1])], axis=1)
+        keep = np.unique(np.linspace(0, len(tokens) - 1, min(TRACE_STEPS, len(tokens))).round().astype(int))
+        trace.update(bits_tokens=tokens.tolist(), bits=avg.tolist(), layer_bits_tokens=tokens[keep].tolist(),
+                     layer_bits=layer[keep].tolist())
+    return trace
 
 
 def _scored_slice(spec: EvalSpec, i: int) -> slice:
@@ -167,6 +192,11 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     """Perplexity, KL to fp, top-1 agreement and accounted bits of `method` on `spec`'s windows.
 
     `evaluate(lm, "kivi-2", data="wiki", n_tokens=2048, window=512, protocol="fake")`
+
+    `result.trace` holds the same quantities per position, averaged over windows: `position` (the
+    index in the window of the predicted token), `nll`, `kl`, `top1`; in decode also `bits_tokens` /
+    `bits` (bits per element of the cache each step read, by the number of stored tokens it held)
+    and `layer_bits_tokens` / `layer_bits` (per layer, at most `TRACE_STEPS` steps).
     """
     from tqdm.auto import tqdm
 
@@ -180,14 +210,18 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     t0 = time.perf_counter()
     nll_sum = kl_sum = agree_sum = None
     n_scored = 0
+    pos_sums = torch.zeros(3, spec.window - 1, dtype=torch.float64, device=lm.device)   # nll, kl, top1 per position
+    pos_count = torch.zeros(spec.window - 1, dtype=torch.float64)
     with quantize(lm.model, method, protocol=spec.protocol, attn_error=spec.attn_error) as run:
         for i, w in enumerate(tqdm(windows, desc=method.spec, disable=not progress, leave=False)):
             sl = _scored_slice(spec, i)
             logits = _window_logits(lm, w, spec)[:, sl]
             targets = w[None, 1:].to(lm.device)[:, sl]
             r = ref[i:i + 1] if torch.is_tensor(ref) else ref[i]
-            parts = (token_nll(logits, targets).sum(), kl_to_reference(logits, r).sum(),
-                     top1_agreement(logits, r).sum())
+            per_token = (token_nll(logits, targets), kl_to_reference(logits, r), top1_agreement(logits, r))
+            pos_sums[:, sl] += torch.stack([t[0] for t in per_token])
+            pos_count[sl] += 1
+            parts = tuple(t.sum() for t in per_token)
             nll_sum, kl_sum, agree_sum = parts if nll_sum is None else (
                 nll_sum + parts[0], kl_sum + parts[1], agree_sum + parts[2])
             n_scored += targets.numel()
@@ -201,7 +235,7 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     layers, info = run.layer_report(), run.info
     metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
                "protocol": spec.protocol, **metrics}
-    return EvalResult(metrics, layers, info)
+    return EvalResult(metrics, layers, info, _trace(pos_sums, pos_count, run.step_bits()))
 
 
 METRICS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err", "attn_rel_err",

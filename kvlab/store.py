@@ -56,6 +56,7 @@ _BASE_COLUMNS = (*KEY_FIELDS, "value")
 _IDENTITY = ("model", "data", "method", "protocol", "label")      # fields of a result that are not metrics
 _META_COLUMNS = ("extra", "version", "created", "kvlab_version", "host", "run", "key")
 _RUN_STATUS = ("ok", "failed")
+TRACE_METRIC = "trace"       # the row holding a result's per-position trace in `extra` (`Store.put_trace`)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -485,6 +486,26 @@ class Store:
                              config=dict(config or {})))
         return self.put_many(rows)
 
+    def put_trace(self, model: Any, data: Any, method: Any, protocol: str, trace: Mapping[str, Any],
+                  config: Mapping[str, Any] | None = None) -> str:
+        """Write a result's per-position / per-step trace (`kvlab.evaluate`'s `result.trace`: lists of
+        numbers) as the row with metric `trace`: value = number of positions, the lists in `extra`
+        (6 significant digits). Returns its key."""
+        def compact(v: Any) -> Any:
+            if isinstance(v, float):
+                return float(f"{v:.6g}")
+            if isinstance(v, (list, tuple)):
+                return [compact(x) for x in v]
+            return v
+        extra = {k: compact(v.tolist() if hasattr(v, "tolist") else v) for k, v in trace.items()}
+        return self.put(model, data, method, protocol, TRACE_METRIC, len(extra.get("position", ())),
+                        config=config, extra=extra)
+
+    def get_trace(self, model: Any, data: Any, method: Any, protocol: str) -> dict[str, list] | None:
+        """The stored trace of one result (see `put_trace`), or None."""
+        row = self.get(model, data, method, protocol, TRACE_METRIC)
+        return None if row is None else row["extra"]
+
     def get_result(self, model: Any, data: Any, method: Any, protocol: str,
                    required: Iterable[str] = ()) -> dict[str, float] | None:
         """The stored metrics of one result {metric: value}, or None unless every `required` metric is
@@ -493,6 +514,7 @@ class Store:
         got = {m: v for m, v in self._read(
             "SELECT metric, value FROM results WHERE model = ? AND data = ? AND method = ? AND protocol = ? "
             "AND version = ?", (*fields, RESULT_VERSION))}
+        got.pop(TRACE_METRIC, None)           # a trace row is not a metric (`get_trace`)
         if not got or any(r not in got for r in required):
             return None
         return {m: (float("nan") if v is None else v) for m, v in got.items()}
@@ -544,7 +566,8 @@ class Store:
     def load(self, where: Mapping[str, Any] | str | None = None) -> "pd.DataFrame":
         """Results as a DataFrame: model, data, method, protocol, metric, value, one column per config
         field (a field named like a base column becomes `config.<name>`), then extra, version,
-        created, kvlab_version, host, run, key.
+        created, kvlab_version, host, run, key. Trace rows (metric `trace`, `put_trace`) are left out
+        unless `where` filters on `metric`.
 
         `where`: a dict of equality filters (a list value means "any of"), or a pandas query
         string such as "metric == 'ppl' and bits <= 4". Besides the columns, a query may name the
@@ -573,6 +596,8 @@ class Store:
             records.append(rec)
         columns = [*_BASE_COLUMNS, *config_cols, *_META_COLUMNS]
         df = pd.DataFrame.from_records(records, columns=columns)
+        if "metric" not in sql_where:            # trace rows are not metrics: only when asked for (`get_trace`)
+            df = df[df["metric"] != TRACE_METRIC]
         if len(df):
             df["created"] = pd.to_datetime(df["created"], utc=True, format="ISO8601")
         for k, v in df_where.items():

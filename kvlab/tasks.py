@@ -85,7 +85,8 @@ class Perplexity(Task):
 
     def evaluate(self, lm, method, progress=True) -> dict:
         from .evaluation import evaluate
-        return evaluate(lm, method, self.spec, progress=progress).metrics
+        result = evaluate(lm, method, self.spec, progress=progress)
+        return {**result.metrics, "trace": result.trace}
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,9 @@ def task_spec(task: str | Task, protocol: str | None = None, **options: Any) -> 
 def run_task(lm: LoadedModel, task: str | Task, methods: Iterable[Method | str], store=None,
              protocol: str | None = None, progress: bool = True, recompute: bool = False, **options: Any):
     """Evaluate `methods` on `task`; one DataFrame row per method: its metrics, `label` (the spec as
-    given) and `cached` (read from the store). Every spec is parsed before any model work.
+    given) and `cached` (read from the store). Every spec is parsed before any model work. Perplexity
+    rows also carry `trace`, the per-position / per-step dict of `kvlab.evaluate` (stored beside the
+    metrics, `Store.get_trace`).
 
     `task` is a name (options as keyword arguments: `ppl` takes `EvalSpec` fields; multiple choice n,
     seed; summaries n, seed, n_shot, max_new_tokens, max_context_tokens, template, batch_size;
@@ -244,13 +247,16 @@ def run_task(lm: LoadedModel, task: str | Task, methods: Iterable[Method | str],
         hit = None if store is None or recompute else store.get_result(
             lm.model_id, spec.key, method.spec, spec.protocol, spec.required)
         if hit is not None:
+            trace = store.get_trace(lm.model_id, spec.key, method.spec, spec.protocol)
             rows.append({"model": lm.model_id, "data": spec.key, "method": method.spec, "protocol": spec.protocol,
-                         **hit, "label": label, "cached": True})
+                         **hit, **({"trace": trace} if trace is not None else {}), "label": label, "cached": True})
             continue
         metrics = dict(spec.evaluate(lm, method, progress=progress))
         if store is not None:
             store.put_result(lm.model_id, spec.key, method.spec, spec.protocol, metrics, spec.config,
                              names=spec.stored)
+            if metrics.get("trace"):
+                store.put_trace(lm.model_id, spec.key, method.spec, spec.protocol, metrics["trace"], spec.config)
         rows.append({**metrics, "label": label, "cached": False})
     return pd.DataFrame(rows)
 

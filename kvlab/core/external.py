@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ..quant.base import Method
+from .arch import head_dim
 
 
 class ExternalCache:
@@ -19,6 +20,9 @@ class ExternalCache:
     def __init__(self, method: Method, config, per_step: bool = False):
         self.method, self.config, self.per_step = method, config, per_step
         self.step_ratios: list[float] = []        # decode: bits per element of the cache each call read
+        self.step_layers: list[list[float]] = []  # decode: the same per layer
+        self.step_where: list[tuple[int, int, int]] = []    # decode: (sequence, step in it, stored tokens)
+        self.sequence = -1
         self.records: list[dict] = []             # one per finished sequence
         self.current: dict | None = None          # the live sequence's cache, before its latest call
         self.current_layers: list[dict] = []      # the same, per layer
@@ -28,6 +32,8 @@ class ExternalCache:
         if self.current is not None:
             self.records.append(self.current)
         self.current, self.current_layers = None, []
+        self.sequence += 1
+        self.step_in_sequence = 0
         return self.method.make_cache(self.config)
 
     def before_call(self, cache) -> None:
@@ -37,6 +43,23 @@ class ExternalCache:
         n = self.current["k_elems"] + self.current["v_elems"]
         if self.per_step and n:
             self.step_ratios.append((self.current["k_bits"] + self.current["v_bits"]) / n)
+            self.step_layers.append([(r["k_bits"] + r["v_bits"]) / (r["k_elems"] + r["v_elems"])
+                                     if r["k_elems"] + r["v_elems"] else math.nan for r in self.current_layers])
+            cfg = self.config.get_text_config(decoder=True) if hasattr(self.config, "get_text_config") else self.config
+            per_token = cfg.num_key_value_heads * head_dim(cfg)
+            tokens = max((r["k_elems"] for r in self.current_layers), default=0) // per_token
+            self.step_where.append((self.sequence, self.step_in_sequence, tokens))
+            self.step_in_sequence += 1
+
+    def step_record(self) -> dict:
+        """Decode: the per-step record in the format of `kvlab.protocols.decode.Decode.step_record`."""
+        import numpy as np
+
+        n_layers = max((len(x) for x in self.step_layers), default=0)
+        return {"sequence": np.array([w[0] for w in self.step_where]), "step": np.array([w[1] for w in self.step_where]),
+                "tokens": np.array([w[2] for w in self.step_where]), "avg_bits": np.array(self.step_ratios),
+                "layer_bits": np.array([x + [math.nan] * (n_layers - len(x)) for x in self.step_layers]).reshape(
+                    len(self.step_layers), n_layers)}
 
     def summary(self) -> dict:
         records = self.records + ([self.current] if self.current is not None else [])

@@ -46,6 +46,19 @@ class Ledger:
             self._add(self.err2, (layer, kind), err2)
             self._add(self.norm2, (layer, kind), norm2)
 
+    def bits_by_layer(self) -> torch.Tensor | None:
+        """All bits booked so far per (layer, kind) (rewritten regions included): a device tensor
+        [layers, 2] (K, V) in float64, built without a host sync; None before any bits are booked."""
+        parts = {k: b for k, b in self.bits.items() if b is not None}
+        for k, r in self.region.items():
+            parts[k] = r[0] if k not in parts else parts[k] + r[0]
+        if not parts:
+            return None
+        dev = next(iter(parts.values())).device
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        flat = torch.stack([parts[k].double().to(dev) if k in parts else zero for k in self.bits])
+        return flat.view(-1, 2)                  # keys are ordered (layer 0 k, layer 0 v, layer 1 k, ...)
+
     def total_bits(self) -> torch.Tensor | None:
         """All bits booked so far (rewritten regions included), one device scalar; None before any."""
         parts = [b for b in self.bits.values() if b is not None] + [r[0] for r in self.region.values()]

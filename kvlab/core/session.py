@@ -282,6 +282,14 @@ class Session:
             raise KVLabError("token_spans needs a quantize block that has run the model")
         return self.cache.layers[layer].token_spans()
 
+    def step_bits(self) -> dict | None:
+        """Decode protocol: the per-step record of the cache each call read (`sequence`, `step`, `tokens`,
+        `avg_bits` per step and `layer_bits` [steps, layers]); None in the other protocols."""
+        source = self.external if self.external is not None else self.policy
+        if self.protocol != "decode" or source is None:
+            return None
+        return source.step_record()
+
     def layer_report(self):
         """Per-layer bits per element (metadata included) and relative error for K and V."""
         if self.external is not None:

@@ -5,10 +5,13 @@ before every later call, the tokens that left the method's fp residual window ar
 with one token per forward every per-step rule runs at every step (KIVI's flush, PM-KVQ's
 progressive widths). What `decode` adds is the regime and its account: the evaluator feeds the
 continuation `decode_chunk` tokens per forward (1 by default; larger chunks are an approximation:
-tokens within a chunk attend to each other at full precision), and the session records, after each
-call that read a stored cache, the average bits of the cache as it stood (sink and residual at 16
-bits), on the device with no host sync. `run.summary()` then adds `avg_bits_step_mean` (the mean
-over those steps) and `avg_bits_end` (the last step).
+tokens within a chunk attend to each other at full precision), and after each call that read a
+stored cache the policy records the bits the ledger holds per layer (a device tensor, no host sync)
+and the element counts of the cache as it stood (host integers; sink and residual at 16 bits).
+
+`run.summary()` then adds `avg_bits_step_mean` (the mean over those steps), `avg_bits_end` (the
+last step) and `decode_steps`; `run.step_bits()` returns the whole record (`step_record`), per
+step and per layer, which is where PM-KVQ's progressive widths show.
 """
 from __future__ import annotations
 
@@ -22,35 +25,56 @@ class Decode(PrefillDecode):
 
     def __init__(self, session, method):
         super().__init__(session, method)
-        self.step_ratio_sum: torch.Tensor | None = None       # sum over steps of (bits / elements), all sequences
-        self.steps = 0
-        self.last_ratio: torch.Tensor | None = None
-        self.baseline: torch.Tensor | None = None
+        self.booked: list[torch.Tensor | None] = []    # per step: ledger bits per (layer, kind), device [L, 2]
+        self.counts: list[list[tuple[int, int]]] = []   # per step: (elements, fp16 elements) per (layer, kind)
+        self.where: list[tuple[int, int, int]] = []     # per step: (sequence, step in the sequence, stored tokens)
+        self.baselines: list[torch.Tensor | None] = []  # per sequence: bits booked by earlier sequences
 
     def begin_sequence(self, args: tuple, kwargs: dict) -> None:
         super().begin_sequence(args, kwargs)
-        self.baseline = self.session.ledger.total_bits()     # bits booked by earlier sequences
+        self.baselines.append(self.session.ledger.bits_by_layer())
+        self.step_in_sequence = 0
 
     def after_call(self) -> None:
-        """The call finished: book the average bits of the stored cache it read (if any was stored)."""
+        """The call finished: record the bits of the stored cache it read (if any was stored)."""
         counts = self.stored_counts()
-        n = sum(c[0] for c in counts.values())
-        if n == 0:                                            # the prefill: nothing stored before it
+        if not any(c[0] for c in counts.values()):        # the prefill: nothing stored before it
             return
-        fp = sum(c[1] for c in counts.values())
-        booked = self.session.ledger.total_bits()            # None while nothing was quantized
-        if booked is None:
-            ratio = torch.tensor(16.0 * fp / n, dtype=torch.float64)
-        else:
-            if self.baseline is not None:
-                booked = booked - self.baseline
-            ratio = (booked.double() + 16.0 * fp) / n
-        self.step_ratio_sum = ratio if self.step_ratio_sum is None else self.step_ratio_sum + ratio
-        self.steps += 1
-        self.last_ratio = ratio
+        n_layers = self.session.n_layers
+        self.booked.append(self.session.ledger.bits_by_layer())
+        self.counts.append([counts.get((layer, kind), (0, 0)) for layer in range(n_layers) for kind in "kv"])
+        tokens = max((layer.get_seq_length() - min(layer.last_new, layer.get_seq_length())
+                      for layer in self.session.cache.layers if layer.is_initialized), default=0)
+        self.where.append((len(self.baselines) - 1, self.step_in_sequence, tokens))
+        self.step_in_sequence += 1
+
+    def step_record(self) -> dict:
+        """Per decode step (every call that read a stored cache, all sequences): `sequence`, `step` (within
+        its sequence), `tokens` (stored tokens the call read), `avg_bits` (bits per element of that cache,
+        K and V, fp16 sink/residual included) and `layer_bits` [steps, layers] (per layer, K and V)."""
+        import numpy as np
+
+        n_steps, n_layers = len(self.booked), self.session.n_layers
+        if not n_steps:
+            empty = np.zeros(0)
+            return {"sequence": empty, "step": empty, "tokens": empty, "avg_bits": empty,
+                    "layer_bits": np.zeros((0, n_layers))}
+        dev = next((b.device for b in self.booked + self.baselines if b is not None), torch.device("cpu"))
+        zero = torch.zeros(n_layers, 2, dtype=torch.float64, device=dev)
+        booked = torch.stack([b if b is not None else zero for b in self.booked])
+        base = [b if b is not None else zero for b in self.baselines]
+        seq = [w[0] for w in self.where]
+        booked = (booked - torch.stack([base[s] for s in seq])).cpu()        # one transfer, here
+        counts = torch.tensor(self.counts, dtype=torch.float64).view(n_steps, n_layers, 2, 2)
+        elems, fp = counts[..., 0], counts[..., 1]
+        bits = booked + 16.0 * fp
+        per_layer = bits.sum(-1) / elems.sum(-1)                              # NaN where a layer stores nothing
+        return {"sequence": np.array(seq), "step": np.array([w[1] for w in self.where]),
+                "tokens": np.array([w[2] for w in self.where]),
+                "avg_bits": (bits.sum((1, 2)) / elems.sum((1, 2))).numpy(), "layer_bits": per_layer.numpy()}
 
     def extra_summary(self) -> dict:
-        if not self.steps:
+        if not self.booked:
             return {"avg_bits_step_mean": float("nan"), "avg_bits_end": float("nan"), "decode_steps": 0}
-        mean, end = (float(x) for x in (self.step_ratio_sum / self.steps, self.last_ratio))   # one sync each, here
-        return {"avg_bits_step_mean": mean, "avg_bits_end": end, "decode_steps": self.steps}
+        avg = self.step_record()["avg_bits"]
+        return {"avg_bits_step_mean": float(avg.mean()), "avg_bits_end": float(avg[-1]), "decode_steps": len(avg)}
