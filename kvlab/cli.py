@@ -112,7 +112,7 @@ def cmd_eval(args) -> None:
     check_device(args.device)      # a missing GPU / CUDA build fails here, before any weights are read
     kind = task_kind(args.task)
     opts = {"ppl": dict(data=args.data, n_tokens=args.n_tokens, window=args.window, stride=args.stride,
-                        prefill=args.prefill, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
+                        prefill=args.prefill, attn_error=not args.no_attn_error, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
                                                  else {})),
             "choice": dict(n=args.n or 100, seed=args.seed),
             "summary": dict(n=args.n or 50, seed=args.seed, n_shot=args.n_shot,
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the continuation one token per forward (ppl)")
     e.add_argument("--decode-chunk", type=int, default=1, help="decode: continuation tokens per forward "
                    "(1 = token by token; more is an approximation, named in the results key)")
+    e.add_argument("--no-attn-error", action="store_true", help="ppl: skip attn_rel_err (it costs a second "
+                   "attention call per layer)")
     e.add_argument("--n", type=int, default=None, help="tasks: examples (default 100 multiple choice, 50 summaries)")
     e.add_argument("--seed", type=int, default=0, help="tasks: example sampling seed")
     e.add_argument("--n-shot", type=int, default=0, help="summaries: few-shot examples per prompt")
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     """`kvlab <command> ...`; returns the exit code (0 ok, 1 a sweep config failed, 2 an error)."""
     args = build_parser().parse_args(argv)
     try:
+        from .threads import configured_threads, pin_threads
+        if configured_threads() is not None:       # $KVLAB_THREADS: the same pin as tests and sweep workers
+            pin_threads()
         return int(args.func(args) or 0)
     except KVLabError as exc:
         print(f"kvlab: error: {exc}", file=sys.stderr)
