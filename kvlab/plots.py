@@ -569,3 +569,62 @@ def labelled_scatter(df, x: str, y: str, label: str = "label", ax=None, logx: bo
     if title:
         ax.set_title(title)
     return ax
+
+
+# ----------------------------------------------------------------------------- along the sequence
+def position_curves(frame, y: str = "kl", label: str = "label", ax=None, logy: bool = False,
+                    xlabel: str = "position in the window (token index)", title: str | None = None,
+                    marker_x: float | None = None, marker_label: str = "end of prefill"):
+    """One line per method of `y` against the scored position (`kvlab.traces.position_frame`; pass
+    `y="kl_smooth"` for the smoothed curve). `marker_x` draws a vertical line (e.g. the prefill length)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4.2))
+    sns.lineplot(data=frame, x="position", y=y, hue=label, ax=ax, lw=1.2)
+    if marker_x is not None:
+        ax.axvline(marker_x, color="grey", ls=":", lw=1, label=marker_label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(y.replace("_smooth", " (smoothed)"))
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def layer_bits_over_steps(matrix, title: str | None = None, ax=None):
+    """Heatmap of bits per element per layer (rows) at each decode step (columns: tokens in the cache it
+    read), from `kvlab.traces.layer_bits_matrix`: a progressive cache shows each layer stepping down."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 4.5))
+    toks = list(matrix.columns)
+    step = max(1, len(toks) // 8)
+    heatmap(matrix, ax=ax, cmap="viridis", ylabel="layer", xticks=list(range(0, len(toks), step)),
+            yticks=list(range(0, matrix.shape[0], max(1, matrix.shape[0] // 10))), cbar_label="bits per element")
+    ax.set_xlabel("tokens in the cache the step read")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def bits_vs_tokens(frame, label: str = "label", ax=None, title: str | None = None):
+    """One line per method of the bits per element of the cache each decode step read, against the tokens
+    in that cache (`kvlab.traces.bits_frame`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4.5))
+    sns.lineplot(data=frame, x="tokens", y="bits", hue=label, ax=ax, lw=1.2)
+    ax.set_xlabel("tokens in the cache the step read")
+    ax.set_ylabel("bits per K/V element")
+    ax.set_ylim(0, 17)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

@@ -24,6 +24,10 @@ SMALL = {
     "08_downstream_tasks": dict(model="tiny-llama", methods=["fp16", "int4", "kivi-2"], n_choice=4, n_summary=2,
                                 max_new_tokens=4, max_context_tokens=96, n_tokens=128, window=64, calib_tokens=64,
                                 store_path="{figures}/results.sqlite"),
+    "09_deployed_decode": dict(model="tiny-llama", n_tokens=128, window=64, prefill=32, calib_tokens=64, smooth=4,
+                               methods=["fp16", "int4", "kivi:bits=2,group=8,residual=16", "hf-quanto-int2"],
+                               pm_method="pmkvq:budget=3.0,max_tokens=64,residual=16",
+                               store_path="{figures}/results.sqlite"),
 }
 
 
