@@ -112,7 +112,7 @@ def cmd_eval(args) -> None:
     check_device(args.device)      # a missing GPU / CUDA build fails here, before any weights are read
     kind = task_kind(args.task)
     opts = {"ppl": dict(data=args.data, n_tokens=args.n_tokens, window=args.window, stride=args.stride,
-                        prefill=args.prefill, attn_error=not args.no_attn_error, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
+                        prefill=args.prefill, attn_error=not args.no_attn_error, calib_tokens=args.calib_tokens, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
                                                  else {})),
             "choice": dict(n=args.n or 100, seed=args.seed),
             "summary": dict(n=args.n or 50, seed=args.seed, n_shot=args.n_shot,
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=512)
     e.add_argument("--stride", type=int, default=None)
     e.add_argument("--prefill", type=int, default=None)
+    e.add_argument("--calib-tokens", type=int, default=2048, help="ppl: calibration tokens for methods that fit "
+                   "(KVQuant, PM-KVQ), taken after the evaluation tokens")
     e.add_argument("--device", default=None)
     e.add_argument("--store", default=None, help="results store path (default: data/results.sqlite)")
     e.add_argument("--no-store", action="store_true")

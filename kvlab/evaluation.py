@@ -163,8 +163,10 @@ def reference_logits(lm: LoadedModel, windows: torch.Tensor, spec: EvalSpec) -> 
 
 
 def calibrate_for(lm: LoadedModel, method: Method | str, spec: EvalSpec) -> Method:
-    """`method` fitted on the `calib_tokens` tokens of `spec.data` that follow the evaluation tokens."""
-    return calibrate(lm, method, data=spec.data, n_tokens=spec.calib_tokens, window=spec.window, skip=spec.n_tokens)
+    """`method` fitted on the `calib_tokens` tokens of `spec.data` that follow the evaluation tokens, in
+    windows of the evaluation's length or, when that is longer, one window of `calib_tokens`."""
+    return calibrate(lm, method, data=spec.data, n_tokens=spec.calib_tokens, window=min(spec.window, spec.calib_tokens),
+                     skip=spec.n_tokens)
 
 
 @torch.no_grad()
