@@ -470,3 +470,95 @@ def quantile_along(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
     frac = pos - lo
     a, b = xs.select(dim, lo), xs.select(dim, hi)
     return a + (b - a) * frac
+
+
+# =============================================================================================
+# Orthogonal rotations (QuaRot's Hadamard)
+# =============================================================================================
+_HADAMARD: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _is_prime(p: int) -> bool:
+    return p >= 2 and all(p % d for d in range(2, math.isqrt(p) + 1))
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    """The +-1 Walsh-Hadamard matrix of order n = 2^a in natural (Sylvester) order,
+    H[i, j] = (-1)^popcount(i & j): H_1 = [1], H_2m = [[H_m, H_m], [H_m, -H_m]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = chi(j - i) for the quadratic character chi of the prime field GF(q) (chi(0) = 0)."""
+    squares = {(a * a) % q for a in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q).view(1, q) - torch.arange(q).view(q, 1)) % q
+    return chi[idx]
+
+
+def _paley(k: int) -> torch.Tensor | None:
+    """A +-1 Hadamard matrix of order k from Paley's constructions over a prime q, or None.
+
+    Paley I  (q = k - 1, q = 3 mod 4): H = I + S with S = [[0, 1^T], [-1, Q]] skew (S S^T = q I).
+    Paley II (q = k/2 - 1, q = 1 mod 4): the symmetric conference matrix C = [[0, 1^T], [1, Q]] gives
+    H = C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]].
+    """
+    q = k - 1
+    if q % 4 == 3 and _is_prime(q):
+        s = torch.zeros(k, k, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, _jacobsthal(q)
+        return torch.eye(k, dtype=torch.float64) + s
+    if k % 2 == 0:
+        q = k // 2 - 1
+        if q % 4 == 1 and _is_prime(q):
+            c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+            c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, _jacobsthal(q)
+            a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+            b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+            return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
+    return None
+
+
+def _hadamard_pm1(n: int) -> torch.Tensor:
+    """A +-1 Hadamard matrix of order n (float64, CPU): Sylvester for n = 2^a, else the Kronecker
+    product of a Paley matrix of order m * 2^b (m the odd part of n, smallest b that works) with the
+    Sylvester matrix of order n / (m * 2^b), as QuaRot's `get_hadK` pairs a fixed order-K matrix with
+    a Walsh-Hadamard transform for non-powers of two."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise KVLabError(f"hadamard_matrix: the order must be an integer >= 1, got {n!r}")
+    two = n & -n                      # largest power of two dividing n
+    if two == n:
+        return _sylvester(n)
+    k = n // two
+    while k <= n:
+        core = _paley(k)
+        if core is not None:
+            return torch.kron(core, _sylvester(n // k))
+        k *= 2
+    raise KVLabError(f"hadamard_matrix: kvlab builds no Hadamard matrix of order {n}: it builds orders 2^a "
+                     f"(Sylvester) and 2^a times a Paley order (q + 1, q prime = 3 mod 4, or 2(q + 1), q prime "
+                     f"= 1 mod 4), e.g. 12, 20, 24, 28, 36, 40, 48, 80, 96, 112; any Hadamard order is 1, 2 or a "
+                     f"multiple of 4")
+
+
+def hadamard_matrix(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normalised Hadamard matrix H / sqrt(n) of order n: orthogonal (H H^T = I), every entry
+    +-1/sqrt(n), so a vector's energy is spread evenly over all n coordinates (QuaRot's rotation,
+    Ashkboos et al. 2024). For n = 2^a it is the Walsh-Hadamard matrix in natural order (what a fast
+    Walsh-Hadamard transform applies; symmetric); other orders use a Paley x Sylvester Kronecker
+    product (see `_hadamard_pm1`; a KVLabError names the orders it can build).
+
+    Built once per (n, device, dtype) and cached: the returned tensor is shared, never modify it
+    in place. Created outside inference mode, so it can be used in and out of it.
+    """
+    key = (n, torch.device(device if device is not None else "cpu"), dtype)
+    h = _HADAMARD.get(key)
+    if h is None:
+        pm1 = _hadamard_pm1(n)
+        with torch.inference_mode(False):
+            h = (pm1 / math.sqrt(n)).to(device=key[1], dtype=dtype)
+        _HADAMARD[key] = h
+    return h
