@@ -326,4 +326,4 @@ def evaluate_choice(lm: LoadedModel, method: Method | str = "fp16", task: str = 
                             "pred_norm": pred_norm.numpy(), "pred_fp": pred_fp.numpy(), "correct": correct.numpy(),
                             "loglik": [t.tolist() for t in lls.split(k.tolist())],
                             "loglik_fp": [t.tolist() for t in ref.split(k.tolist())]})
-    return ChoiceResult(metrics, None, [], details)
+    return ChoiceResult(metrics, None, [], details=details)
