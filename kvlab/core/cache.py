@@ -12,6 +12,10 @@ records or defers them; the layer itself only keeps the bookkeeping the protocol
 * `fp_keys`, `fp_values`  full-precision shadows, only for methods that re-quantize what is stored,
 * `ref_keys`, `ref_values`  full-precision K/V of every stored token, only while the session measures
              the attention-output error (`kvlab.quantize(..., attn_error=True)`).
+
+When a protocol quantizes stored tokens it writes them into the layer's `keys` / `values` in place
+where that is safe (`write_tokens`), so a tensor taken from a layer earlier (`cache.layers[i].keys`)
+shows the tokens quantized since: clone it to keep a snapshot.
 """
 from __future__ import annotations
 
@@ -86,6 +90,26 @@ class KVLabLayer:
             T = self.get_seq_length()
             return TokenSpans(0, 0, T)
         return policy.token_spans(self)
+
+
+def write_tokens(stored: torch.Tensor, s: int, e: int, new: torch.Tensor) -> torch.Tensor:
+    """`stored` [..., tokens, d] with its tokens s..e replaced by `new`; returns the tensor to keep.
+
+    Written in place (a flush then costs its span, not a copy of the whole cache) unless autograd is
+    recording (a graph may have saved the old values), `stored` is an inference tensor outside
+    inference mode, shape, dtype or device differ (torch.cat would grow or promote), or `new` lies
+    in `stored`'s memory; then a new tensor, as torch.cat builds it. A `new` that IS the span (the
+    identity method returns its input) leaves nothing to write. The values are the same either way."""
+    span = stored[..., s:e, :]
+    same_memory = new.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+    if same_memory and new.data_ptr() == span.data_ptr() and new.shape == span.shape \
+            and new.stride() == span.stride() and new.dtype == span.dtype:
+        return stored
+    if same_memory or torch.is_grad_enabled() or new.shape != span.shape or new.dtype != stored.dtype \
+            or new.device != stored.device or (stored.is_inference() and not torch.is_inference_mode_enabled()):
+        return torch.cat([stored[..., :s, :], new, stored[..., e:, :]], dim=-2)
+    span.copy_(new)
+    return stored
 
 
 def _fit(t: torch.Tensor, length: int, fill) -> torch.Tensor:

@@ -24,6 +24,8 @@ class Ledger:
         self.fp_elems = dict.fromkeys(self.bits, 0)
         self.attn_err2: list[torch.Tensor | None] = [None] * n_layers     # attention-output error, if measured
         self.attn_norm2: list[torch.Tensor | None] = [None] * n_layers
+        self.version = 0                     # bumped whenever booked bits change (bits_by_layer reuses its result)
+        self._by_layer: tuple[int, torch.Tensor | None] | None = None
 
     @staticmethod
     def _add(d, key, value):
@@ -37,8 +39,9 @@ class Ledger:
         diff = q.x.float() - x.float()
         if q.keep is not None:  # evicted tokens: their error is eviction, not quantization
             diff = diff * q.keep[..., None]
-        err2 = torch.linalg.vector_norm(diff, dtype=torch.float32) ** 2
-        norm2 = torch.linalg.vector_norm(x, dtype=torch.float32) ** 2
+        err2 = torch.linalg.vector_norm(diff, dtype=torch.float32).square()
+        norm2 = torch.linalg.vector_norm(x, dtype=torch.float32).square()
+        self.version += 1
         if replace:
             self.region[(layer, kind)] = (q.bits, err2, norm2)
         else:
@@ -48,16 +51,28 @@ class Ledger:
 
     def bits_by_layer(self) -> torch.Tensor | None:
         """All bits booked so far per (layer, kind) (rewritten regions included): a device tensor
-        [layers, 2] (K, V) in float64, built without a host sync; None before any bits are booked."""
+        [layers, 2] (K, V) in float64, built without a host sync; None before any bits are booked.
+        Unchanged bookings return the same (never modified) tensor: a decode step that flushed nothing
+        costs no tensor work."""
+        if self._by_layer is not None and self._by_layer[0] == self.version:
+            return self._by_layer[1]
         parts = {k: b for k, b in self.bits.items() if b is not None}
         for k, r in self.region.items():
             parts[k] = r[0] if k not in parts else parts[k] + r[0]
         if not parts:
-            return None
-        dev = next(iter(parts.values())).device
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        flat = torch.stack([parts[k].double().to(dev) if k in parts else zero for k in self.bits])
-        return flat.view(-1, 2)                  # keys are ordered (layer 0 k, layer 0 v, layer 1 k, ...)
+            flat = None
+        else:
+            first = next(iter(parts.values()))
+            dev = first.device
+            if all(p.dtype == first.dtype and p.device == dev for p in parts.values()):
+                # one stack, then one exact widening to float64 (the same numbers as widening each part)
+                zero = torch.zeros((), dtype=first.dtype, device=dev)
+                flat = torch.stack([parts.get(k, zero) for k in self.bits]).double().view(-1, 2)
+            else:
+                zero = torch.zeros((), dtype=torch.float64, device=dev)
+                flat = torch.stack([parts[k].double().to(dev) if k in parts else zero for k in self.bits]).view(-1, 2)
+        self._by_layer = (self.version, flat)    # keys are ordered (layer 0 k, layer 0 v, layer 1 k, ...)
+        return flat
 
     def total_bits(self) -> torch.Tensor | None:
         """All bits booked so far (rewritten regions included), one device scalar; None before any."""
@@ -70,6 +85,7 @@ class Ledger:
     def close_regions(self) -> None:
         """A sequence ended: its rewritten regions (the last record of each layer) become permanent, so the
         next sequence's rewrites replace only its own region."""
+        self.version += 1
         for key, (bits, err2, norm2) in self.region.items():
             self._add(self.bits, key, bits)
             self._add(self.err2, key, err2)
@@ -78,8 +94,8 @@ class Ledger:
 
     def attention(self, layer: int, out: torch.Tensor, ref: torch.Tensor) -> None:
         """Add one attention call's squared output error and reference norm (same queries, fp K/V)."""
-        err2 = torch.linalg.vector_norm(out.float() - ref.float(), dtype=torch.float32) ** 2
-        norm2 = torch.linalg.vector_norm(ref, dtype=torch.float32) ** 2
+        err2 = torch.linalg.vector_norm(out.float() - ref.float(), dtype=torch.float32).square()
+        norm2 = torch.linalg.vector_norm(ref, dtype=torch.float32).square()
         self.attn_err2[layer] = err2 if self.attn_err2[layer] is None else self.attn_err2[layer] + err2
         self.attn_norm2[layer] = norm2 if self.attn_norm2[layer] is None else self.attn_norm2[layer] + norm2
 

@@ -62,8 +62,11 @@ class Session:
         self.rope: dict[int, tuple] = {}          # layer -> (cos, sin) of the current call
         self.pending_pre: dict[int, torch.Tensor] = {}   # layer -> pre-RoPE keys of the current call
         self.fp_pre: dict[int, torch.Tensor] = {}        # fake, pre-RoPE methods: fp keys for attn_error
-        # per forward: (fp32 sums, (layer, names of the summed tensors)) checked once in _post_forward
-        self._finite: list[tuple[torch.Tensor, tuple[int, tuple[str, str]]]] = []
+        # per forward: fp32 sums (0-d device tensors) and, for each, (layer, name of the summed tensor);
+        # checked once, in _post_forward
+        self._finite: list[torch.Tensor] = []
+        self._finite_names: list[tuple[int, str]] = []
+        self._one_device = len({p.device for p in model.parameters()}) <= 1    # else: device_map
         self._handles: list = []
         self._orig_attn: str | None = None
 
@@ -137,6 +140,7 @@ class Session:
         if self.phase == "stats":
             return None
         self._finite.clear()                     # a forward that raised half-way leaves no stale entries
+        self._finite_names.clear()
         past = kwargs.get("past_key_values")
         ours = past is not None and (past is self.cache or (isinstance(past, KVLabCache) and past.session is self))
         fresh = past is None or (not ours and past.get_seq_length() == 0)
@@ -161,22 +165,24 @@ class Session:
             self.policy.after_call()
         if not self._finite:
             return None
-        entries, self._finite = self._finite, []
-        dev = entries[0][0].device                 # layers may sit on several devices (device_map)
-        sums = torch.stack([f.to(dev, non_blocking=True) for f, _ in entries])   # one host sync per forward
-        flags = torch.isfinite(sums)
-        if not bool(flags.all()):
-            bad = (~flags).nonzero()[0].tolist()
-            layer, names = entries[bad[0]][1]
-            raise KVLabError(f"non-finite values (NaN or inf) in the {names[bad[1]]} of layer {layer}. Check the "
+        sums, names = self._finite, self._finite_names
+        self._finite, self._finite_names = [], []
+        if not self._one_device:                   # layers may sit on several devices (device_map)
+            sums = [f.to(sums[0].device, non_blocking=True) for f in sums]
+        flags = torch.isfinite(torch.stack(sums))
+        if not bool(flags.all()):                  # the one host sync per forward
+            layer, name = names[int((~flags).nonzero()[0, 0])]
+            raise KVLabError(f"non-finite values (NaN or inf) in the {name} of layer {layer}. Check the "
                              "model dtype (fp16 overflow?), the input, or the method's configuration.")
         return None
 
     def check_finite(self, a: torch.Tensor, b: torch.Tensor | None, layer: int, names: tuple[str, str]) -> None:
         """Queue fp32 sums of `a` (and `b`) for the end-of-forward check; NaN/inf propagate into a sum."""
-        s = torch.sum(a, dtype=torch.float32)
-        sums = torch.stack([s, torch.sum(b, dtype=torch.float32) if b is not None else torch.zeros_like(s)])
-        self._finite.append((sums, (layer, names)))
+        self._finite.append(torch.sum(a, dtype=torch.float32))
+        self._finite_names.append((layer, names[0]))
+        if b is not None:
+            self._finite.append(torch.sum(b, dtype=torch.float32))
+            self._finite_names.append((layer, names[1]))
 
     def _new_sequence(self) -> None:
         if self.policy is not None:

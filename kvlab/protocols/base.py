@@ -38,6 +38,7 @@ class Protocol:
 
     def __init__(self, session: "Session", method: Method):
         self.session, self.method = session, method
+        self._output_names: dict[str, tuple[str, str]] = {}    # kind -> names for the finiteness check
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def begin_sequence(self, args: tuple, kwargs: dict) -> None:
@@ -79,7 +80,10 @@ class Protocol:
     # -- shared mechanics ----------------------------------------------------------------------------------
     def sink_end(self, layer: KVLabLayer) -> int:
         """Stored index where the fp16 sink ends (a sliding layer may have dropped some sink tokens)."""
-        return min(max(self.method.sink_tokens - layer.dropped, 0), layer.get_seq_length())
+        sink = self.method.sink_tokens
+        if sink == 0:                            # most methods: no sink, nothing to look up per layer
+            return 0
+        return min(max(sink - layer.dropped, 0), layer.get_seq_length())
 
     def context(self, layer: int, kind: str, s: int, e: int, total: int) -> LayerContext:
         """The `LayerContext` a method sees for stored tokens s..e of `layer` (statistics sliced to them)."""
@@ -97,8 +101,11 @@ class Protocol:
         q = self.method.quantize(x, ctx)
         if q.x.shape != x.shape:
             raise KVLabError(f"method '{self.method.spec}' returned shape {tuple(q.x.shape)} for {tuple(x.shape)}")
-        name = "keys" if kind == "k" else "values"
-        self.session.check_finite(q.x, None, layer, (f"quantized {name} (output of {self.method.spec})", ""))
+        names = self._output_names.get(kind)
+        if names is None:                        # built once: `method.spec` formats every field
+            name = "keys" if kind == "k" else "values"
+            names = self._output_names[kind] = (f"quantized {name} (output of {self.method.spec})", "")
+        self.session.check_finite(q.x, None, layer, names)
         self.session.ledger.quantized(layer, kind, x, q, replace=replace)
         self.session.info[layer][kind] = q.info
         return q

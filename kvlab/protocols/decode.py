@@ -15,6 +15,8 @@ step and per layer, which is where PM-KVQ's progressive widths show.
 """
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from .prefill_decode import PrefillDecode
@@ -26,7 +28,7 @@ class Decode(PrefillDecode):
     def __init__(self, session, method):
         super().__init__(session, method)
         self.booked: list[torch.Tensor | None] = []    # per step: ledger bits per (layer, kind), device [L, 2]
-        self.counts: list[list[tuple[int, int]]] = []   # per step: (elements, fp16 elements) per (layer, kind)
+        self.counts: list[array] = []                   # per step: (elements, fp16 elements) per (layer, kind)
         self.where: list[tuple[int, int, int]] = []     # per step: (sequence, step in the sequence, stored tokens)
         self.baselines: list[torch.Tensor | None] = []  # per sequence: bits booked by earlier sequences
 
@@ -37,14 +39,23 @@ class Decode(PrefillDecode):
 
     def after_call(self) -> None:
         """The call finished: record the bits of the stored cache it read (if any was stored)."""
-        counts = self.stored_counts()
-        if not any(c[0] for c in counts.values()):        # the prefill: nothing stored before it
-            return
         n_layers = self.session.n_layers
-        self.booked.append(self.session.ledger.bits_by_layer())
-        self.counts.append([counts.get((layer, kind), (0, 0)) for layer in range(n_layers) for kind in "kv"])
-        tokens = max((layer.get_seq_length() - min(layer.last_new, layer.get_seq_length())
-                      for layer in self.session.cache.layers if layer.is_initialized), default=0)
+        row = array("q", bytes(32 * n_layers))              # (elements, fp16) of K, then of V, per layer
+        stored = False
+        tokens = 0
+        for layer in self.session.cache.layers:             # one pass, host integers only
+            if layer.is_initialized:
+                T = layer.get_seq_length()
+                tokens = max(tokens, T - min(layer.last_new, T))
+            c = self.layer_counts(layer)
+            if c is not None and layer.layer_idx < n_layers:
+                i = 4 * layer.layer_idx
+                row[i], row[i + 1], row[i + 2], row[i + 3] = c[0], c[1], c[0], c[1]
+                stored = stored or c[0] > 0
+        if not stored:                                      # the prefill: nothing stored before it
+            return
+        self.booked.append(self.session.ledger.bits_by_layer())   # the same tensor while nothing is booked
+        self.counts.append(row)
         self.where.append((len(self.baselines) - 1, self.step_in_sequence, tokens))
         self.step_in_sequence += 1
 
@@ -65,7 +76,7 @@ class Decode(PrefillDecode):
         base = [b if b is not None else zero for b in self.baselines]
         seq = [w[0] for w in self.where]
         booked = (booked - torch.stack([base[s] for s in seq])).cpu()        # one transfer, here
-        counts = torch.tensor(self.counts, dtype=torch.float64).view(n_steps, n_layers, 2, 2)
+        counts = torch.from_numpy(np.array(self.counts, dtype=np.int64)).double().view(n_steps, n_layers, 2, 2)
         elems, fp = counts[..., 0], counts[..., 1]
         bits = booked + 16.0 * fp
         per_layer = bits.sum(-1) / elems.sum(-1)                              # NaN where a layer stores nothing

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..core.arch import apply_rope
-from ..core.cache import KVLabLayer, TokenSpans
+from ..core.cache import KVLabLayer, TokenSpans, write_tokens
 from .base import Protocol
 
 
@@ -86,8 +86,8 @@ class PrefillDecode(Protocol):
         if m.key_site == "pre_rope":
             cos, sin = layer.rope
             k_new = apply_rope(self.session.arch.sites[idx].module, k_new, cos[:, s:e], sin[:, s:e])
-        layer.keys = torch.cat([layer.keys[..., :s, :], k_new, layer.keys[..., e:, :]], dim=-2)
-        layer.values = torch.cat([layer.values[..., :s, :], qv.x, layer.values[..., e:, :]], dim=-2)
+        layer.keys = write_tokens(layer.keys, s, e, k_new)        # in place where safe: no copy of the cache
+        layer.values = write_tokens(layer.values, s, e, qv.x)
         keep = qk.keep if qk.keep is not None else qv.keep
         if keep is not None:
             full = layer.keep if layer.keep is not None else torch.ones(
@@ -116,17 +116,24 @@ class PrefillDecode(Protocol):
         if cache is None:
             return counts
         for layer in cache.layers:
-            if not layer.is_initialized or layer.keys.numel() == 0:
-                continue
-            b, h, T, d = layer.keys.shape
-            stored = T - min(layer.last_new, T)
-            quantized = T - layer.pending - self.sink_end(layer)
-            if self.method.scope == "cache" and not self.whole_cache_done:
-                quantized = 0
-            quantized = max(min(quantized, stored), 0)
-            for kind in "kv":
-                counts[(layer.layer_idx, kind)] = (stored * b * h * d, (stored - quantized) * b * h * d)
+            c = self.layer_counts(layer)
+            if c is not None:
+                for kind in "kv":
+                    counts[(layer.layer_idx, kind)] = c
         return counts
+
+    def layer_counts(self, layer: KVLabLayer) -> tuple[int, int] | None:
+        """(elements, fp16 elements) of one layer's stored K (the same for V), as in `stored_counts`;
+        None for a layer that stores nothing yet."""
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            return None
+        b, h, T, d = layer.keys.shape
+        stored = T - min(layer.last_new, T)
+        quantized = T - layer.pending - self.sink_end(layer)
+        if self.method.scope == "cache" and not self.whole_cache_done:
+            quantized = 0
+        quantized = max(min(quantized, stored), 0)
+        return stored * b * h * d, (stored - quantized) * b * h * d
 
     def token_spans(self, layer: KVLabLayer) -> TokenSpans:
         T = layer.get_seq_length()

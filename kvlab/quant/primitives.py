@@ -7,6 +7,7 @@ along tokens (per-channel quantization, KIVI/KVQuant keys). `group=None` makes t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,7 +23,9 @@ def _grouped(x: torch.Tensor, dim: int, group: int | None) -> tuple[torch.Tensor
 
     A ragged tail group is padded by repeating its last element, which changes no min/max/absmax.
     """
-    x = x.movedim(dim, -1)
+    last = dim in (-1, x.dim() - 1)
+    if not last:                     # a view; skipped where it would change nothing (decode: many small calls)
+        x = x.movedim(dim, -1)
     n = x.shape[-1]
     g = n if group is None or group >= n else group
     pad = (-n) % g
@@ -32,14 +35,31 @@ def _grouped(x: torch.Tensor, dim: int, group: int | None) -> tuple[torch.Tensor
 
 
 def _ungrouped(xg: torch.Tensor, dim: int, n: int) -> torch.Tensor:
-    x = xg.reshape(*xg.shape[:-2], -1)[..., :n]
-    return x.movedim(-1, dim)
+    x = xg.reshape(*xg.shape[:-2], -1)
+    if x.shape[-1] != n:
+        x = x[..., :n]
+    return x if dim in (-1, x.dim() - 1) else x.movedim(-1, dim)
+
+
+_CONSTANTS: dict[tuple[float, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _scalar_bits(bits, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, 2^b - 1, 0) for a plain bit width, as 0-d float32 tensors on `device`, made once per width and
+    device (a decode step quantizes one token per layer, where making small tensors costs as much as the
+    arithmetic). Read-only: never modify them in place."""
+    key = (float(bits), torch.device(device))
+    if key not in _CONSTANTS:
+        with torch.inference_mode(False):        # ordinary tensors, usable inside and outside inference mode
+            b = torch.tensor(float(bits), device=device)
+            _CONSTANTS[key] = (b, 2.0 ** b - 1, torch.zeros_like(b))
+    return _CONSTANTS[key]
 
 
 def _bits_tensor(bits, x: torch.Tensor, dim: int) -> torch.Tensor:
     """Bits as a tensor broadcastable to the grouped layout [..., n_groups, 1]."""
     if not torch.is_tensor(bits):
-        return torch.tensor(float(bits), device=x.device)
+        return _scalar_bits(bits, x.device)[0]
     b = bits.to(device=x.device, dtype=torch.float32)
     if b.dim() == 0:
         return b
@@ -78,25 +98,43 @@ def quantize_uniform(x: torch.Tensor, bits, *, dim: int = -1, group: int | None 
             xh = mu + q * scale
         elif center == "minmax":
             mn = mn.half().float()
-            scale = ((mx - mn) / (2.0 ** b - 1)).half().float().clamp_min(1e-8)
-            q = torch.round((xf - mn) / scale).clamp(min=torch.zeros_like(b), max=2.0 ** b - 1)
+            levels, zero = _scalar_bits(bits, x.device)[1:] if not torch.is_tensor(bits) else \
+                (2.0 ** b - 1, torch.zeros_like(b))
+            scale = ((mx - mn) / levels).half().float().clamp_min(1e-8)
+            q = torch.round((xf - mn) / scale).clamp(min=zero, max=levels)
             xh = mn + q * scale
         else:
             raise KVLabError(f"center must be 'minmax' or 'mean', got {center!r}")
         meta = SCALE_BITS + ZERO_BITS
     n_groups = xg.shape[:-1].numel()
-    code_bits = (b.expand(xg.shape[:-1] + (1,)) * xg.shape[-1]).sum() if b.dim() else b * xg.numel()
     # padded elements are not stored: subtract their share of the code bits
     pad = xg.shape[-2] * xg.shape[-1] - n
+    if not torch.is_tensor(bits):
+        total = torch.full((), _plain_total(float(bits), xg.numel(), xg.shape[:-2].numel(), pad, n_groups, meta),
+                           dtype=torch.float32, device=x.device)
+        return _ungrouped(xh.to(x.dtype), dim, n), total
+    code_bits = (b.expand(xg.shape[:-1] + (1,)) * xg.shape[-1]).sum() if b.dim() else b * xg.numel()
     if pad:
         code_bits = code_bits - (b.expand(xg.shape[:-2] + (1, 1)).sum() if b.dim() else b * xg.shape[:-2].numel()) * pad
     total = code_bits + n_groups * meta
     return _ungrouped(xh.to(x.dtype), dim, n), total
 
 
+@functools.lru_cache(maxsize=1024)
+def _plain_total(bits: float, numel: int, rows: int, pad: int, n_groups: int, meta: int) -> float:
+    """`quantize_uniform`'s total bits for a plain bit width: b * elements - b * rows * pad + groups * meta
+    in float32 tensor arithmetic with b a 0-d float32 tensor (the operations a tensor `bits` of 0 dims
+    goes through), done once per shape and kept: a decode step asks for the same shapes in every layer."""
+    b = torch.tensor(bits)
+    code_bits = b * numel
+    if pad:
+        code_bits = code_bits - b * rows * pad
+    return (code_bits + n_groups * meta).item()
+
+
 def fp16_bits(x: torch.Tensor) -> torch.Tensor:
-    """Bits to store x at 16 bits per element (sink and residual tokens)."""
-    return torch.tensor(16.0 * x.numel(), device=x.device)
+    """Bits to store x at 16 bits per element (sink and residual tokens); a float32 0-d tensor."""
+    return torch.full((), 16.0 * x.numel(), dtype=torch.float32, device=x.device)
 
 
 # =============================================================================================
