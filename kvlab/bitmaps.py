@@ -55,7 +55,7 @@ def keep_map(session, batch: int = 0) -> torch.Tensor:
     """Bool [layers, kv_heads, tokens]: False where the method evicted the token (all True without eviction)."""
     out = []
     for layer in _layers(session):
-        T = layer.get_seq_length()
+        T = layer.stored_length
         keep = getattr(layer, "keep", None)
         if keep is None:
             keep = torch.ones(layer.keys.shape[0], layer.keys.shape[1], T, dtype=torch.bool)
@@ -152,7 +152,7 @@ def bits_table(session, batch: int | None = None):
     for kind in "kv":
         maps = torch.stack([bit_map(session, kind, i) for i in (range(b) if batch is None else [batch])])
         if session.protocol == "prefill-decode":     # the report covers the stored cache: not the latest call
-            means = [maps[:, l, :, :max(layer.get_seq_length() - getattr(layer, "last_new", 0), 0)].mean().item()
+            means = [maps[:, l, :, :max(layer.stored_length - getattr(layer, "last_new", 0), 0)].mean().item()
                      for l, layer in enumerate(layers)]
         else:
             means = maps.mean(dim=(0, 2, 3)).tolist()

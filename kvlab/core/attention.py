@@ -108,19 +108,38 @@ def _pad_stat(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(*t.shape[:-1], n - t.shape[-1])], dim=-1)
 
 
-def accumulate_stats(old: AttentionStats | None, new: AttentionStats) -> AttentionStats:
-    """Add a call's statistics to the layer's running ones (keys appended since are zero-padded)."""
-    if old is None or old.received_sum.shape[-1] > new.received_sum.shape[-1]:
+def accumulate_stats(old: AttentionStats | None, new: AttentionStats, appended: int) -> AttentionStats:
+    """Add a call's statistics to the layer's running ones, aligned at the newest key.
+
+    The call appended `appended` keys; the old statistics are zero-padded for them and, where the
+    call's keys start later than the old ones did (a sliding-window layer dropped its oldest tokens),
+    cropped at the front. So entry j of the result always belongs to key j of the latest call."""
+    if old is None:
         return new
     n = new.received_sum.shape[-1]
-    return AttentionStats(_pad_stat(old.received_sum, n) + new.received_sum,
-                          torch.maximum(_pad_stat(old.received_max, n), new.received_max),
+
+    def aligned(t: torch.Tensor) -> torch.Tensor:
+        t = _pad_stat(t, t.shape[-1] + appended)
+        return t[..., t.shape[-1] - n:] if t.shape[-1] >= n else _pad_front(t, n)
+
+    return AttentionStats(aligned(old.received_sum) + new.received_sum,
+                          torch.maximum(aligned(old.received_max), new.received_max),
                           torch.maximum(old.query_norm, new.query_norm), new.n_recent)
 
 
-def slice_stats(st: AttentionStats, s: int, e: int) -> AttentionStats:
-    """The statistics of key tokens s..e (tokens beyond what was measured count as never attended)."""
+def _pad_front(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t.new_zeros(*t.shape[:-1], n - t.shape[-1]), t], dim=-1)
+
+
+def slice_stats(st: AttentionStats, s: int, e: int, length: int | None = None) -> AttentionStats:
+    """The statistics of key tokens s..e of a cache of `length` tokens (default: as many as measured).
+
+    Statistics are aligned at the newest key (`accumulate_stats`): a sliding-window layer that
+    measured more keys than it still stores is read from its last `length` entries. Tokens beyond
+    what was measured count as never attended."""
     n = st.received_sum.shape[-1]
+    off = max(n - length, 0) if length is not None else 0
+    s, e = s + off, e + off
     return AttentionStats(st.received_sum[..., s:e] if e <= n else _pad_stat(st.received_sum, e)[..., s:e],
                           st.received_max[..., s:e] if e <= n else _pad_stat(st.received_max, e)[..., s:e],
                           st.query_norm, st.n_recent)

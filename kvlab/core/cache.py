@@ -63,6 +63,8 @@ class KVLabLayer:
         self.ref_values: torch.Tensor | None = None
         self.n_seen = 0          # tokens ever added (sliding layers store fewer)
         self.last_new = 0        # tokens added by the latest update (not yet part of the stored cache)
+        self.quantized_tokens = 0   # tokens booked under the method in this sequence (a sliding layer may
+                                    # have dropped some of them since)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         session = self._kvlab
@@ -71,24 +73,42 @@ class KVLabLayer:
         new = key_states.shape[-2]
         self.n_seen += new
         self.last_new = new
-        stored = self.get_seq_length()
+        stored = self.stored_length
         self.pending = min(self.pending + new, stored)
         if self.keep is not None:
             self.keep = _fit(self.keep, stored, True)
+        if stored < self.n_seen:                 # a sliding-window layer dropped tokens: so do the shadows
+            self._crop_shadows(stored)
         return keys, values
+
+    @property
+    def stored_length(self) -> int:
+        """Tokens this layer stores now. Not `get_seq_length()`: transformers' sliding-window layers
+        return the tokens ever seen there (`cumulative_length`), while they store only the last
+        `sliding_window - 1`."""
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def _crop_shadows(self, stored: int) -> None:
+        """Keep the per-token shadows aligned with the stored tokens (the most recent `stored`)."""
+        for name in ("k_pre", "fp_keys", "fp_values"):       # ref_* are aligned by the session itself
+            t = getattr(self, name)
+            if t is not None and t.shape[-2] > stored:
+                setattr(self, name, t[..., t.shape[-2] - stored:, :])
+        if self.rope is not None and self.rope[0].shape[-2] > stored:
+            cos, sin = self.rope
+            self.rope = (cos[..., cos.shape[-2] - stored:, :], sin[..., sin.shape[-2] - stored:, :])
 
     @property
     def dropped(self) -> int:
         """Tokens a sliding-window layer has already dropped from its front."""
-        return self.n_seen - self.get_seq_length()
+        return self.n_seen - self.stored_length
 
     def token_spans(self) -> TokenSpans:
         """Sink / quantized / full-precision spans of this layer's stored tokens, under the session's
         method and protocol (a capture-only session quantizes nothing: everything is full precision)."""
         policy = getattr(self._kvlab, "policy", None)
         if policy is None:
-            T = self.get_seq_length()
-            return TokenSpans(0, 0, T)
+            return TokenSpans(0, 0, self.stored_length)
         return policy.token_spans(self)
 
 

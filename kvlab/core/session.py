@@ -237,7 +237,7 @@ class Session:
         if idx in self.fp_pre:
             cos, sin = self.rope[idx]
             k = apply_rope(self.arch.sites[idx].module, self.fp_pre.pop(idx), cos, sin)
-        stored = layer.get_seq_length() if layer.is_initialized else 0   # sliding layers: what is still stored
+        stored = layer.stored_length                 # sliding layers: what is still stored
         old_k = layer.ref_keys[..., layer.ref_keys.shape[-2] - stored:, :] if layer.ref_keys is not None else None
         old_v = layer.ref_values[..., layer.ref_values.shape[-2] - stored:, :] if layer.ref_values is not None else None
         layer.ref_keys = k if old_k is None or stored == 0 else torch.cat([old_k, k], dim=-2)
@@ -249,16 +249,17 @@ class Session:
         layer = self.cache.layers[idx] if self.cache is not None and self.phase == "run" else None
         fp_mask = attention_mask
         if layer is not None and layer.keep is not None:
+            # aligned at the newest key: a sliding layer's call also reads the token it just dropped
             keep = layer.keep[..., -key.shape[-2]:] if layer.keep.shape[-1] >= key.shape[-2] else \
-                torch.cat([layer.keep, torch.ones(*layer.keep.shape[:2], key.shape[-2] - layer.keep.shape[-1],
-                                                  dtype=torch.bool, device=key.device)], dim=-1)
+                torch.cat([torch.ones(*layer.keep.shape[:2], key.shape[-2] - layer.keep.shape[-1],
+                                      dtype=torch.bool, device=key.device), layer.keep], dim=-1)
             attention_mask = apply_keep(attention_mask, keep, query.shape[-2], self.arch.n_groups, query.dtype)
         record_attn = self.recorder.wants("attn") and self.phase == "run"
         if record_attn or (self.policy is not None and self.policy.wants_statistics(self.phase)):
             scaling = kwargs.get("scaling") or module.scaling
             st = attention_received(query, key, attention_mask, scaling, self.arch.n_groups, self.n_recent,
                                     softcap=kwargs.get("softcap"))
-            self.stats[idx] = accumulate_stats(self.stats[idx], st)
+            self.stats[idx] = accumulate_stats(self.stats[idx], st, query.shape[-2])
             if record_attn:
                 self.recorder.record("attn", idx, st.received_sum)
         if self.recorder.wants("q") and self.phase == "run":

@@ -83,13 +83,13 @@ class Protocol:
         sink = self.method.sink_tokens
         if sink == 0:                            # most methods: no sink, nothing to look up per layer
             return 0
-        return min(max(sink - layer.dropped, 0), layer.get_seq_length())
+        return min(max(sink - layer.dropped, 0), layer.stored_length)
 
     def context(self, layer: int, kind: str, s: int, e: int, total: int) -> LayerContext:
         """The `LayerContext` a method sees for stored tokens s..e of `layer` (statistics sliced to them)."""
         st = self.session.stats[layer]
         if st is not None:
-            st = slice_stats(st, s, e)
+            st = slice_stats(st, s, e, total)
         elif self.method.needs_attention:
             raise KVLabError(f"method '{self.method.spec}' needs attention statistics but none were collected "
                              f"for layer {layer}")
@@ -119,7 +119,7 @@ class Protocol:
         m, session = self.method, self.session
         spans, ks, vs, ctxs_k = [], [], [], []
         for layer in layers:
-            T = layer.get_seq_length()
+            T = layer.stored_length
             s = self.sink_end(layer)
             e = end_of(layer, s, T)
             spans.append((s, e, T))

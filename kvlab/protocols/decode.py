@@ -45,7 +45,7 @@ class Decode(PrefillDecode):
         tokens = 0
         for layer in self.session.cache.layers:             # one pass, host integers only
             if layer.is_initialized:
-                T = layer.get_seq_length()
+                T = layer.stored_length
                 tokens = max(tokens, T - min(layer.last_new, T))
             c = self.layer_counts(layer)
             if c is not None and layer.layer_idx < n_layers:

@@ -56,11 +56,11 @@ class Fake(Protocol):
         session = self.session
         if session.attn_error:
             session.fp_pre[layer] = k
-        start = session.cache.layers[layer].get_seq_length() if session.cache is not None else 0
+        start = session.cache.layers[layer].stored_length if session.cache is not None else 0
         return self._quantize_chunk(layer, "k", k, start)
 
     def store(self, layer: KVLabLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start = layer.get_seq_length()
+        start = layer.stored_length
         idx = layer.layer_idx
         if self.precomputed is not None:
             kq, vq, keep = self.precomputed[idx]
@@ -93,5 +93,5 @@ class Fake(Protocol):
         return torch.cat([x[..., :n_sink, :], q.x], dim=-2) if n_sink else q.x
 
     def token_spans(self, layer: KVLabLayer) -> TokenSpans:
-        T = layer.get_seq_length()
+        T = layer.stored_length
         return TokenSpans(self.sink_end(layer), T, T)

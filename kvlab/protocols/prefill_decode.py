@@ -63,7 +63,7 @@ class PrefillDecode(Protocol):
                 self._quantize_whole_cache()
                 self.whole_cache_done = True     # later tokens stay full precision
             return
-        T = layer.get_seq_length()
+        T = layer.stored_length
         start = T - layer.pending
         sink_end = self.sink_end(layer)
         if start < sink_end:
@@ -94,6 +94,7 @@ class PrefillDecode(Protocol):
                 *layer.keys.shape[:2], T, dtype=torch.bool, device=keep.device)
             layer.keep = torch.cat([full[..., :s], keep, full[..., e:]], dim=-1)
         layer.pending = T - e
+        layer.quantized_tokens = e - sink_end if m.rewrites_stored else layer.quantized_tokens + n
 
     def _quantize_whole_cache(self) -> None:
         layers = self.session.cache.layers
@@ -103,6 +104,7 @@ class PrefillDecode(Protocol):
             layer.keys, layer.values = new_k, new_v
             layer.keep = keep if keep is not None else layer.keep
             layer.pending = T - e
+            layer.quantized_tokens = e - s
 
     def stored_counts(self) -> dict[tuple[int, str], tuple[int, int]]:
         """Element counts of the stored cache per (layer, kind): (elements, fp16 elements).
@@ -124,7 +126,9 @@ class PrefillDecode(Protocol):
 
     def layer_counts(self, layer: KVLabLayer) -> tuple[int, int] | None:
         """(elements, fp16 elements) of one layer's stored K (the same for V), as in `stored_counts`;
-        None for a layer that stores nothing yet."""
+        None for a layer that stores nothing yet. The ledger books a token's bits when it is quantized,
+        so a sliding-window layer that has since dropped quantized tokens counts them too: its bits
+        per element average every token it quantized in the sequence plus the fp16 ones it holds."""
         if not layer.is_initialized or layer.keys.numel() == 0:
             return None
         b, h, T, d = layer.keys.shape
@@ -133,9 +137,11 @@ class PrefillDecode(Protocol):
         if self.method.scope == "cache" and not self.whole_cache_done:
             quantized = 0
         quantized = max(min(quantized, stored), 0)
+        if layer.dropped:   # a sliding layer: its booked bits include tokens it has dropped since; count them
+            return (layer.quantized_tokens + stored - quantized) * b * h * d, (stored - quantized) * b * h * d
         return stored * b * h * d, (stored - quantized) * b * h * d
 
     def token_spans(self, layer: KVLabLayer) -> TokenSpans:
-        T = layer.get_seq_length()
+        T = layer.stored_length
         s = self.sink_end(layer)
         return TokenSpans(s, max(s, T - layer.pending), T)

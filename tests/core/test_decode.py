@@ -137,3 +137,71 @@ def test_choice_loglik_in_decode_equals_a_token_loop():
     assert torch.equal(got, want)
     with quantize(m, "fp16", protocol="prefill-decode"):          # one-token choices take no second call
         assert torch.isfinite(_loglik(lm, ctx, cont[:, :1], "prefill-decode"))
+
+
+# -- sliding-window layers past their window ---------------------------------------------------------
+# transformers' sliding layers report the tokens ever seen from get_seq_length() but store only the
+# last `sliding_window - 1`; every span kvlab computes must use what is stored.
+
+def _slide(family="gemma2"):
+    return models.tiny(family, sliding_window=16)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_identity_decode_past_the_sliding_window_is_bit_identical(family):
+    m = _slide(family).model
+    ids = _ids(56)
+    want = _token_loop(m, ids, 24, DynamicCache(config=m.config))
+    with quantize(m, "fp16", protocol="decode") as run:
+        got = _token_loop(m, ids, 24)
+    assert torch.equal(got, want)
+    assert run.summary()["avg_bits_end"] == 16.0
+
+
+@torch.no_grad()
+def test_uniform_int4_decode_past_the_sliding_window_equals_a_hand_loop():
+    """Per-token int4 on gemma2 with a 16-token window, prefill 24 (already past it) + 32 decoded: the
+    reference quantizes the tokens each call added to every layer after that call, whatever the layer
+    still stores (a sliding layer keeps its last 15)."""
+    m = _slide().model
+    method = parse("int:bits=4")
+    ids = _ids(56)
+    added = [24]
+
+    def quantize_new(cache):
+        n = added[0]
+        for i, layer in enumerate(cache.layers):
+            for name, kind in (("keys", "k"), ("values", "v")):
+                x = getattr(layer, name)
+                t = x.shape[-2]
+                k = min(n, t)
+                q = method.quantize(x[..., t - k:, :], LayerContext(layer=i, num_layers=len(cache.layers), kind=kind)).x
+                setattr(layer, name, torch.cat([x[..., :t - k, :], q], dim=-2))
+        added[0] = 1
+
+    want = _token_loop(m, ids, 24, DynamicCache(config=m.config), after_step=quantize_new)
+    with quantize(m, method, protocol="decode") as run:
+        got = _token_loop(m, ids, 24)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    per_token = method.quantize(torch.randn(1, 2, 1, 16), LayerContext(0, 2, "k")).bits.item() / 32
+    assert run.summary()["avg_bits_end"] == pytest.approx(per_token)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("spec", ["int:bits=4,sink=4", "kivi:bits=2,residual=8,group=4", "h2o", "qhitter",
+                                  "qaq-low", "pmkvq:budget=3.0,max_tokens=64", "quarot-4", "kvquant-nuq3-1%"])
+def test_methods_decode_past_the_sliding_window(spec):
+    """Every per-step policy keeps working once a sliding layer drops tokens, and its bits stay bits."""
+    from kvlab.calibration import calibrate
+
+    lm = _slide()
+    method = calibrate(lm, parse(spec), ids=_ids(64))
+    with quantize(lm.model, method, protocol="decode") as run:
+        logits = _token_loop(lm.model, _ids(56), 24)
+    assert torch.isfinite(logits).all()
+    rec = run.step_bits()
+    assert len(rec["avg_bits"]) == 32
+    assert ((rec["avg_bits"] > 0) & (rec["avg_bits"] <= 16.0)).all(), rec["avg_bits"]
+    spans = run.token_spans(0)                  # layer 0 of gemma2 slides
+    assert spans.length == 15 and 0 <= spans.sink_end <= spans.quantized_end <= spans.length
