@@ -11,10 +11,13 @@ fingerprint, the calibration token ids, the needs and `method.calibration_key()`
 `method.with_state(...)`. Methods never run the model themselves.
 
 The calibration text: `n_tokens` tokens of `data` starting after the first `skip` tokens, cut into
-rows of `window` tokens (`kvlab.evaluate` skips its evaluation tokens, so they never overlap).
+rows of `window` tokens (`kvlab.evaluate` skips its evaluation tokens, so they never overlap), unless
+the method asks for its own length (`calibration_text_for`; KVQuant: its `calib_rows` x `calib_len`,
+the authors' 16 x 2048, which then wins over `EvalSpec.calib_tokens` / `window`).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import asdict
 from typing import Iterable
 
@@ -50,52 +53,83 @@ def calibrate(lm: LoadedModel, method: Method | str, data: str = "wiki", n_token
               window: int = DEFAULT_WINDOW, skip: int = 0, ids: torch.Tensor | None = None) -> Method:
     """`method` fitted on calibration text (the method itself when it needs no calibration).
 
-    `ids` [n, T] overrides the text selection (`data`, `n_tokens`, `window`, `skip`)."""
+    The text: `n_tokens` of `data` after `skip`, in rows of `window`, unless the method asks for its own
+    length (`calibration_text_for`: KVQuant's `calib_rows` x `calib_len`, the authors' 16 x 2048); `ids`
+    [n, T] overrides both."""
     return calibrate_many(lm, [method], data, n_tokens, window, skip, ids)[0]
 
 
 def calibrate_many(lm: LoadedModel, methods: Iterable[Method | str], data: str = "wiki",
                    n_tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW, skip: int = 0,
                    ids: torch.Tensor | None = None) -> list[Method]:
-    """Fit every method that needs it from one capture per distinct `CalibrationNeeds`; fits already on
-    disk are read, not recomputed (and need no capture). Returns the methods in order, fitted."""
+    """Fit every method that needs it from one capture per distinct calibration text and `CalibrationNeeds`;
+    fits already on disk are read, not recomputed (and need no capture). Returns the methods in order, fitted.
+
+    A method may ask for its own calibration text (`calibration_text`, see `calibration_text_for`); `ids`
+    overrides every method's."""
     methods = [parse(m) for m in methods]
-    ids, plan = _plan(lm, methods, data, n_tokens, window, skip, ids)
-    captures: dict[CalibrationNeeds, Captured] = {}
+    plan = _plan(lm, methods, data, n_tokens, window, skip, ids)
+    captures: dict[tuple[str, CalibrationNeeds], Captured] = {}
     out = list(methods)
-    for i, (need, key) in plan.items():
-        def compute(m=methods[i], need=need) -> dict[str, torch.Tensor]:
-            if need not in captures:
-                captures[need] = capture_for(lm.model, ids, need)
-            return m.fit(captures[need])
+    for i, (x, need, key) in plan.items():
+        def compute(m=methods[i], x=x, need=need, key=key) -> dict[str, torch.Tensor]:
+            cid = (key["input_ids"], need)
+            if cid not in captures:
+                captures[cid] = capture_for(lm.model, x, need)
+            return m.fit(captures[cid])
         out[i] = methods[i].with_state(diskcache.cached("calibration", key, compute))
     return out
 
 
 def missing_fits(lm: LoadedModel, methods: Iterable[Method | str], ids: torch.Tensor) -> int:
     """How many distinct fits `calibrate_many(lm, methods, ids=ids)` would compute (not on disk yet)."""
-    _, plan = _plan(lm, [parse(m) for m in methods], ids=ids)
-    keys = {diskcache.canonical_json(key) for _, key in plan.values()
+    plan = _plan(lm, [parse(m) for m in methods], ids=ids)
+    keys = {diskcache.canonical_json(key) for _, _, key in plan.values()
             if not diskcache.cache_path("calibration", key).exists()}
     return len(keys)
 
 
+def calibration_text_for(lm: LoadedModel, method: Method, n_tokens: int, window: int) -> tuple[int, int]:
+    """(tokens, row length) of the calibration text `method` is fitted on when a caller offers `n_tokens` in
+    rows of `window`: the method's own choice where it has one (`method.calibration_text(n_tokens, window)`,
+    e.g. KVQuant's `calib_rows` x `calib_len`; a `select` asks its inner method), else the caller's. Rows
+    longer than the model's context are cut to it."""
+    m = getattr(method, "inner_method", method)
+    ask = getattr(m, "calibration_text", None)
+    n, w = ask(n_tokens, window) if ask is not None else (n_tokens, window)
+    return n, min(w, lm.max_context)
+
+
 def _plan(lm: LoadedModel, methods: list[Method], data: str = "wiki", n_tokens: int = DEFAULT_TOKENS,
           window: int = DEFAULT_WINDOW, skip: int = 0, ids: torch.Tensor | None = None):
-    """(calibration ids, {index: (needs, disk-cache key)}) for the methods that still need a fit."""
+    """{index: (calibration ids, needs, disk-cache key)} for the methods that still need a fit."""
     todo = [i for i, m in enumerate(methods) if getattr(m, "needs_calibration", False) and m.state is None]
     if not todo:
-        return ids, {}
-    if ids is None:
-        ids = calibration_ids(lm, data, n_tokens, window, skip)
-    ids = torch.as_tensor(ids)
-    ids = ids[None] if ids.dim() == 1 else ids
-    base = {"model": diskcache.model_fingerprint(lm.model), "input_ids": diskcache.tensor_digest(ids)}
+        return {}
+    if ids is not None:
+        ids = torch.as_tensor(ids)
+        ids = ids[None] if ids.dim() == 1 else ids
+    texts: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
+    fingerprint = diskcache.model_fingerprint(lm.model)
     plan = {}
     for i in todo:
-        need = methods[i].calibration_needs(ids.shape[-1])
-        plan[i] = (need, {**base, "needs": asdict(need), **methods[i].calibration_key()})
-    return ids, plan
+        text = (0, 0) if ids is not None else calibration_text_for(lm, methods[i], n_tokens, window)
+        if text not in texts:
+            x = ids
+            if x is None:
+                try:
+                    x = calibration_ids(lm, data, text[0], text[1], skip)
+                except KVLabError as e:
+                    if text == (n_tokens, window):
+                        raise
+                    raise KVLabError(f"{methods[i].spec}: its calibration text is {text[0]} tokens in rows of "
+                                     f"{text[1]} (its own choice, see its calibration_text): {e}") from None
+            texts[text] = (x, diskcache.tensor_digest(x))
+        x, digest = texts[text]
+        need = methods[i].calibration_needs(x.shape[-1])
+        plan[i] = (x, need, {"model": fingerprint, "input_ids": digest, "needs": asdict(need),
+                             **methods[i].calibration_key()})
+    return plan
 
 
 def capture_for(model: torch.nn.Module, ids: torch.Tensor, needs: CalibrationNeeds) -> Captured:
@@ -122,6 +156,8 @@ def capture_for(model: torch.nn.Module, ids: torch.Tensor, needs: CalibrationNee
             tensors = {w: [t.detach().float().cpu() for t in ts] for w, ts in tensors.items()}
             grads = None if grads is None else {w: [g.float().cpu() for g in gs] for w, gs in grads.items()}
         per_batch.append((tensors, grads))
+        if device.type == "cpu" and len(batches) > 1:
+            _release_freed_memory()
     if len(per_batch) == 1:
         return Captured(*per_batch[0])
 
@@ -129,6 +165,27 @@ def capture_for(model: torch.nn.Module, ids: torch.Tensor, needs: CalibrationNee
         return {w: [torch.cat(per_layer, 0) for per_layer in zip(*(d[w] for d in dicts))] for w in dicts[0]}
     return Captured(cat([t for t, _ in per_batch]),
                     cat([g for _, g in per_batch]) if needs.grads else None)
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory a row's forward / backward freed back to the OS (glibc `malloc_trim`).
+
+    glibc keeps it in its arenas, and row after row the resident size grows by about the size of the
+    autograd graph: KVQuant's 16 x 2,048-token Fisher pass on SmolLM2-135M had reached 14 GB at row 12
+    (and was OOM-killed); with the trim it peaks at 7.5 GB (one row's graph, and the 3 GB captured held
+    twice while the rows are concatenated). A no-op where there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _capture_with_grads(model, x, needs: CalibrationNeeds, kwargs: dict):

@@ -35,7 +35,7 @@ METHODS: dict[str, str] = {
     "int (per token)": "int:bits={bits}",
     "int (K per channel)": "int:bits={bits},k_axis=channel,group=64",
     "KIVI": "kivi:bits={bits},group=32,residual=128",
-    "KVQuant": "kvquant:bits={bits},outliers={outliers},fisher=false",
+    "KVQuant": "kvquant:bits={bits},outliers={outliers},fisher=none,calib_rows=none,calib_len=none",
 }
 OUTLIER_RATIOS = (0.0, 0.005, 0.01, 0.02, 0.05)
 PROTOCOLS = ("fake", "prefill-decode")

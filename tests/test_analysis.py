@@ -128,8 +128,10 @@ def test_outlier_grid_and_shared_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
     lm = kvlab.load("tiny-llama")
     spec = EvalSpec(n_tokens=64, window=32, calib_tokens=64)
-    methods = ["kvquant:bits=2,outliers=0.01,nuq=false", "kvquant:bits=2,fisher=false",
-               "kvquant:bits=3,outliers=0.02", "select:inner=kvquant:bits=4;fisher=false,layers=1,kind=k", "int2"]
+    evaluator_text = "calib_rows=none,calib_len=none"        # KVQuant calibrates on the evaluator's text, not its 16 x 2048
+    methods = [f"kvquant:bits=2,outliers=0.01,nuq=false,{evaluator_text}", f"kvquant:bits=2,fisher=false,{evaluator_text}",
+               f"kvquant:bits=3,outliers=0.02,{evaluator_text}",
+               f"select:inner=kvquant:bits=4;fisher=false;{evaluator_text.replace(',', ';')},layers=1,kind=k", "int2"]
     ids = calibration_ids(lm, spec.data, spec.calib_tokens, spec.window, skip=spec.n_tokens)
     assert missing_fits(lm, methods, ids) == 4
     captures = []
@@ -152,7 +154,7 @@ def test_outlier_grid_and_shared_calibration(tmp_path, monkeypatch):
         # the same capture (with gradients) and the same fit on the same ids: identical numbers
         assert torch.equal(own.state[k], shared.state[k])
 
-    grid = outlier_grid(lm, bits=(2, 4), ratios=(0.0, 0.01), nuq=(False, True), spec=spec, extra="fisher=false",
+    grid = outlier_grid(lm, bits=(2, 4), ratios=(0.0, 0.01), nuq=(False, True), spec=spec, extra=f"fisher=false,{evaluator_text}",
                         progress=False)
     assert len(grid) == 2 * 2 * 2 + 2
     assert list(grid.family.unique()) == ["int", "nuq", "baseline"]

@@ -42,22 +42,23 @@ def errors(m, data):
             rel_err(m.quantize(vte, ctx("v", start=1)).x, vte))
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_kvquant_nuq_beats_int_on_heavy_tails(bits, data):
+@pytest.mark.parametrize("bits,bound_k,bound_v", [(2, 0.5, 0.6), (3, 0.7, 0.97)])
+def test_kvquant_nuq_beats_int_on_heavy_tails(bits, bound_k, bound_v, data):
     e_int = errors(calibrated(f"kvquant:bits={bits},nuq=false", data), data)
-    e_nuq = errors(calibrated(f"kvquant:bits={bits}", data), data)
-    # measured ratios nuq/int: keys 0.39 (2 bits), 0.65 (3 bits); values 0.53, 0.88. The 3-bit margins
-    # are thin (7% and 2.5%) but the inputs are seeded samples (no matmul) and k-means on them, so another
-    # CPU changes these ratios by ~1e-6 relative, not by percents. They are specific to this sample
-    # (other seeds give value ratios above 1): change the data and these bounds must be re-measured.
-    assert e_nuq[0] < 0.7 * e_int[0] and e_nuq[1] < 0.9 * e_int[1]
+    # plain k-means: this fixture's gradients are random (no information), so the datatype alone is compared
+    e_nuq = errors(calibrated(f"kvquant:bits={bits},fisher=none", data), data)
+    # measured ratios nuq/int: keys 0.42 (2 bits), 0.66 (3 bits); values 0.53, 0.94. The 3-bit value margin
+    # is thin (3%) but the inputs are seeded samples (no matmul) and k-means on them, so another CPU changes
+    # these ratios by ~1e-6 relative, not by percents. They are specific to this sample (other seeds give
+    # value ratios above 1): change the data and these bounds must be re-measured.
+    assert e_nuq[0] < bound_k * e_int[0] and e_nuq[1] < bound_v * e_int[1]
 
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_kvquant_one_percent_outliers_reduce_error(bits, data):
     e0 = errors(calibrated(f"kvquant-nuq{bits}", data), data)
     e1 = errors(calibrated(f"kvquant-nuq{bits}-1%", data), data)
-    # measured ratios: keys 0.20 / 0.15, values 0.36 / 0.32 (2 / 3 bits): >= 2.2x below the bounds
+    # measured ratios: keys 0.19 / 0.15, values 0.36 / 0.30 (2 / 3 bits): >= 2.2x below the bounds
     assert e1[0] < 0.5 * e0[0] and e1[1] < 0.8 * e0[1]
 
 
@@ -109,8 +110,9 @@ def test_kvquant_qnorm_matches_moments(data):
             ratios.append((zh.std() / z.std()).item())
             if "qnorm" in spec:
                 assert abs(zh.mean().item() - z.mean().item()) < 5e-3
-        # measured: |r - 1| <= 4.8e-4 with Q-Norm (its fp16 a, c: 2^-11 relative), |mean shift| <= 9e-6;
-        # r = 0.944 / 0.945 without (a property of k-means on this seeded, matmul-free data)
+        # measured: |r - 1| <= 3.5e-4 with Q-Norm (its fp16 a, c: 2^-11 relative; fitted without the sink
+        # token, measured here with it), |mean shift| <= 8.7e-5; r = 0.945 / 0.944 without (a property of
+        # k-means on this seeded, matmul-free data)
         if "qnorm" in spec:
             assert all(abs(r - 1) < 5e-3 for r in ratios), ratios
         else:
@@ -122,7 +124,7 @@ def test_kvquant_fisher_weights_move_the_codebook(data):
     plain = KVQuant(bits=2, fisher=False).fit_tensors([ktr], [vtr])
     # sensitivity concentrated on the large values pulls the outer centroids outwards
     gk, gv = (torch.where(x.abs() > 3, 10.0, 0.1) for x in (ktr, vtr))
-    weighted = KVQuant(bits=2, fisher=True).fit_tensors([ktr], [vtr], [gk], [gv])
+    weighted = KVQuant(bits=2, fisher="activation").fit_tensors([ktr], [vtr], [gk], [gv])
     for name in ("k_cb", "v_cb"):
         assert weighted[name][0].abs().max() > plain[name][0].abs().max()
     with pytest.raises(KVLabError, match="fisher"):
@@ -144,8 +146,10 @@ def test_kvquant_needs_calibration_and_says_so():
 
 
 def test_kvquant_presets_and_spec_roundtrip():
-    assert parse("kvquant-nuq3-1%").spec == "kvquant:bits=3,outliers=0.01"
-    assert parse("kvquant-int2").spec == "kvquant:bits=2,nuq=false"
+    # `fisher` is always spelled out: its default changed, and old results are keyed by the old specs
+    assert parse("kvquant-nuq3-1%").spec == "kvquant:bits=3,fisher=activation,outliers=0.01"
+    assert parse("kvquant-int2").spec == "kvquant:bits=2,nuq=false,fisher=activation"
+    assert parse("kvquant:bits=3,outliers=0.01").spec != "kvquant:bits=3,outliers=0.01"
     assert parse("kvquant-nuq4") == KVQuant(bits=4)
     for b in (2, 3, 4):
         for name in (f"kvquant-nuq{b}", f"kvquant-nuq{b}-1%", f"kvquant-int{b}"):
@@ -207,7 +211,7 @@ def test_kvquant_calibrate_on_tiny_model(spec, tmp_path, monkeypatch):
     # the fit equals one from an independent capture (parameters as leaves, per-row summed loss);
     # exact: the same forward and backward kernels run on the same inputs
     k, v, gk, gv = _fisher_reference(lm.model, ids)
-    want = parse(spec).fit_tensors(k, v, gk if m.fisher else None, gv if m.fisher else None)
+    want = parse(spec).fit_tensors(k, v, gk if m.uses_fisher else None, gv if m.uses_fisher else None)
     assert cal.keys() == want.keys() and all(torch.equal(cal[n], want[n]) for n in want)
     # cached: a second calibration reads the file instead of running the model
     files = list((tmp_path / "calibration").glob("*.pt"))

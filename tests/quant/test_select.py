@@ -11,7 +11,7 @@ from kvlab.quant.methods.select import parse_layers, select_spec
 @pytest.mark.parametrize("spec, canonical", [
     ("select:inner=int2,layers=3+1,kind=k", "select:inner=int:bits=2,layers=1+3,kind=k"),
     ("select:inner=kvquant:bits=3;outliers=0.01,layers=0-2+10,kind=kv",
-     "select:inner=kvquant:bits=3;outliers=0.01,layers=0+1+2+10,kind=kv"),
+     "select:inner=kvquant:bits=3;fisher=activation;outliers=0.01,layers=0+1+2+10,kind=kv"),
     ("select:inner=kivi-2,layers=all,kind=v", "select:inner=kivi:bits=2,layers=all,kind=v"),
 ])
 def test_select_spec_round_trips(spec, canonical):
@@ -23,7 +23,7 @@ def test_select_spec_round_trips(spec, canonical):
 
 def test_select_spec_builder_encodes_commas_and_mirrors_the_inner_method():
     s = select_spec("kvquant:bits=2,outliers=0.01,nuq=false", [5, 2], "k")
-    assert s == "select:inner=kvquant:bits=2;nuq=false;outliers=0.01,layers=2+5,kind=k"
+    assert s == "select:inner=kvquant:bits=2;nuq=false;fisher=activation;outliers=0.01,layers=2+5,kind=k"
     m = parse(s)
     assert m.inner_method == parse("kvquant:bits=2,outliers=0.01,nuq=false")
     assert (m.key_site, m.sink_tokens, m.needs_calibration, m.selected_layers) == ("pre_rope", 1, True, {2, 5})

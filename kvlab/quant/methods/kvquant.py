@@ -1,7 +1,8 @@
 """KVQuant: per-channel pre-RoPE keys, non-uniform datatypes, dense-and-sparse outliers, Q-Norm.
 
 Hooper et al. 2024, "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache
-Quantization" (NeurIPS 2024). What this module implements, by section of the paper:
+Quantization" (NeurIPS 2024). Defaults follow the authors' code (SqueezeAILab/KVQuant@57a2383;
+the upstream rules and their file:line are in `kvlab.quant.kvquant_rules`). By section of the paper:
 
 * Sec. 3.1 per-channel key quantization, values per token. As in the paper (which quantizes the
   k_proj / v_proj outputs), a value "token" is the whole vector of the layer's KV heads
@@ -16,25 +17,38 @@ Quantization" (NeurIPS 2024). What this module implements, by section of the pap
   `k_scale="online"` instead takes per-channel min/max over groups of `group` tokens (KIVI-like,
   no calibration needed for int; `token_group = group`).
 * Sec. 3.4 nuqX: a per-layer non-uniform datatype, 2^b centroids of a k-means on the normalised
-  calibration activations, weighted by the Fisher information (squared gradients dL/dA) when
-  `fisher=True` (plain k-means otherwise); `nuq=False` uses 2^b evenly spaced levels in [-1, 1]
-  (= asymmetric min-max int-b). Sensitivity weights are taken in the normalised domain,
-  (dL/dA * scale)^2, which is the Fisher information of z = (A - offset) / scale.
+  calibration activations weighted per value by `fisher` (see `kvquant_rules.fisher_weights`):
+  "activation" = (dL/dA)^2, the authors' (default); "normalised" = (dL/dA * scale)^2, kvlab's former
+  default; "none" = plain k-means. `nf=True`: the fixed NormalFloat levels of the authors' `--nf`
+  instead (`kvquant_rules.nf_signposts`, no k-means, no stored codebook). `nuq=False`: 2^b evenly
+  spaced levels in [-1, 1] (= asymmetric min-max int-b).
 * Sec. 3.5 per-vector dense-and-sparse: keys whose value falls outside their channel's calibrated
   [lo, hi] (rho of the calibration values per channel), and per value vector the ceil(rho/2 * D)
   smallest and largest entries, D = kv_heads * head_dim (online, the rho/2 and 1 - rho/2
   percentiles), are kept in fp16 with an int32 index each; the dense part's range excludes them.
-  (`k_scale="online"`: per key channel group, the same smallest/largest rule.)
+  (`k_scale="online"`: per key channel group, the same smallest/largest rule.) `cap_outliers`: the
+  authors' `--cap_outliers`: per key token at most ceil(rho/2 * D) outliers above and as many below
+  (the most extreme), the rest are rounded; calibration then leaves out of k-means only the keys
+  beyond a per-channel range trimmed of each token's extremes (`kvquant_rules.cap_*`).
 * Q-Norm (App. "Q-Norm"): match the mean and std of the dequantized normalised activations to the
   pre-quantization ones. As in the authors' code this is fitted once per layer at calibration:
   values are still assigned to the nearest codebook entry c_i but reconstructed as a * c_i + b
   (2 fp16 numbers per layer; `kvlab.quant.primitives.qnorm` is the online, per-group form).
 * Attention-sink awareness (App. "attention sink"): the first `sink` tokens stay fp16 (kept and
-  accounted by the core).
+  accounted by the core) and, as upstream, are left out of the k-means and the Q-Norm statistics
+  of every calibration row (`sink_in_fit=True` keeps them in, kvlab's former behaviour).
+* Calibration text: `calib_rows` rows of `calib_len` tokens, the authors' 16 x 2048 by default; None
+  takes the caller's (`kvlab.evaluate`: `EvalSpec.calib_tokens` in rows of its window). This field wins
+  over the caller's through `calibration_text`, read by `kvlab.calibration` (explicit `ids` win over both).
+  Cost, measured on the 2-core CPU box (1 torch thread, two other jobs running) with SmolLM2-135M:
+  the 16 x 2048 capture with gradients took 18 min (35-105 s a row) and ~7.5 GB of RAM, then each
+  config's fit 3-4 min (k-means on 2^20 of the 6.3M values per layer); at the evaluator's 4 x 512 it
+  is ~1.5 min + ~1.5 min. Fits are cached on disk (`kvlab.calibration`), so this is paid once per
+  model, calibration text and config (and one capture serves every config of a `calibrate_many`).
 
 Bits: b per element + outliers (16 + 32 each) + 2 fp16 (offset, scale) per value token (and per
 key channel group with `k_scale="online"`) + once per layer (on the layer's first chunk, i.e.
-`ctx.start <= sink`): the 2^b fp16 codebook (`nuq`), Q-Norm's 2 fp16 (`qnorm`) and 2 fp16
+`ctx.start <= sink`): the 2^b fp16 codebook (`nuq`, not `nf`), Q-Norm's 2 fp16 (`qnorm`) and 2 fp16
 thresholds per key channel and head (`k_scale="calib"`).
 LLaMA-7B Wikitext-2 ppl (paper Table 1): fp16 5.68; int4 5.98, nuq4 5.72, nuq4-1% 5.69;
 int3 10.87, nuq3 5.87, nuq3-1% 5.75; int2 11779, nuq2 7.23, nuq2-1% 6.01.
@@ -47,54 +61,117 @@ import torch
 
 from ...errors import KVLabError
 from ..base import CalibrationNeeds, Captured, LayerContext, Method, Quantized, check_choice, check_range
+from ..kvquant_rules import (AUTHORS_CALIB_LEN, AUTHORS_CALIB_ROWS, FISHER, cap_count, cap_fit_mask,
+                             cap_outlier_mask, fisher_weights, nf_signposts, sink_tokens_mask)
 from ..primitives import (SCALE_BITS, ZERO_BITS, group_minmax, kmeans_codebook, outlier_bits,
                           quantile_along, quantize_to_codebook, round_to_codebook, split_outliers,
                           uniform_codebook)
 from ..registry import preset, register
 
 K_SCALES = ("calib", "online")
-CALIB_VERSION = 1
+CALIB_VERSION = 2             # 2: sink tokens out of the fit, fisher rules by name, nf, cap_outliers
 MAX_KMEANS_POINTS = 1 << 20   # k-means on a fixed random subsample of at most this many values per layer
+
+
+_NF_LEVELS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _nf_levels(bits: int, device) -> torch.Tensor:
+    """NormalFloat levels on `device`, made once per width and device (read-only)."""
+    key = (int(bits), torch.device(device))
+    if key not in _NF_LEVELS:
+        with torch.inference_mode(False):         # an ordinary tensor, usable inside and outside inference mode
+            _NF_LEVELS[key] = nf_signposts(bits).to(device)
+    return _NF_LEVELS[key]
 
 
 @register
 @dataclass(frozen=True)
 class KVQuant(Method):
-    """KVQuant: pre-RoPE per-channel keys, per-token values, `bits`-bit NUQ (or int) datatype,
-    `outliers` fraction kept fp16 (dense-and-sparse), optional Q-Norm, `sink` fp16 first tokens."""
+    """KVQuant: pre-RoPE per-channel keys, per-token values, `bits`-bit NUQ (k-means, or NormalFloat with
+    `nf`) or int datatype, `outliers` fraction kept fp16 (dense-and-sparse, optionally `cap_outliers`),
+    optional Q-Norm, `sink` fp16 first tokens; calibrated on `calib_rows` x `calib_len` tokens."""
 
     name = "kvquant"
     key_site = "pre_rope"
+    # `fisher` is always in the spec: its default changed (kvlab <= 0.x weighted k-means by
+    # (dL/dA * scale)^2 and kept the sink in the fit), so results stored under the old spec strings
+    # ("kvquant:bits=2,outliers=0.01") are never read as the authors' rule's
+    spec_always = ("bits", "fisher")
     bits: int = 4
     nuq: bool = True
-    fisher: bool = True
+    fisher: str = "activation"
     outliers: float = 0.0
     qnorm: bool = False
     sink: int = 1
     k_scale: str = "calib"
     group: int | None = None          # k_scale="online" only: tokens per key channel group
+    nf: bool = False
+    cap_outliers: bool = False
+    sink_in_fit: bool = False
+    calib_rows: int | None = AUTHORS_CALIB_ROWS
+    calib_len: int | None = AUTHORS_CALIB_LEN
 
     # ------------------------------------------------------------------ config
+    def __post_init__(self) -> None:
+        if self.fisher is False or (isinstance(self.fisher, str) and self.fisher.lower() == "false"):
+            object.__setattr__(self, "fisher", "none")      # `fisher=false` specs (plain k-means) keep working
+        super().__post_init__()
+
     def validate(self) -> None:
         super().validate()
         check_range(self.name, "bits", self.bits, 1, 8, integer=True)
-        for f in ("nuq", "fisher", "qnorm"):
+        for f in ("nuq", "qnorm", "nf", "cap_outliers", "sink_in_fit"):
             check_choice(self.name, f, getattr(self, f), (True, False))
+        if self.fisher is True or self.fisher == "true":
+            raise KVLabError(f"{self.name}: 'fisher' names the k-means weights since calibration v2; 'true' is "
+                             "ambiguous: use fisher=activation ((dL/dA)^2, the authors', the default) or "
+                             "fisher=normalised ((dL/dA * scale)^2, kvlab's former default)")
+        check_choice(self.name, "fisher", self.fisher, FISHER)
         check_range(self.name, "outliers", self.outliers, 0.0, 1.0, hi_open=True)
         check_choice(self.name, "k_scale", self.k_scale, K_SCALES)
+        for f in ("calib_rows", "calib_len"):
+            if getattr(self, f) is not None:
+                check_range(self.name, f, getattr(self, f), 1 if f == "calib_rows" else 2, 1 << 20, integer=True)
         if self.group is not None:
             check_range(self.name, "group", self.group, 1, 1 << 20, integer=True)
             if self.k_scale != "online":
                 raise KVLabError(f"{self.name}: 'group' only applies with k_scale=online "
                                  f"(calibrated key ranges need no token groups); drop it or set k_scale=online")
+        if self.nf:
+            if not self.nuq:
+                raise KVLabError(f"{self.name}: 'nf' (NormalFloat levels) is a non-uniform datatype; drop nuq=false")
+            if self.bits < 2:
+                raise KVLabError(f"{self.name}: 'nf' needs bits >= 2 (the authors' NormalFloat has 2..5)")
+            if self.qnorm:
+                raise KVLabError(f"{self.name}: 'qnorm' applies to the k-means datatype (the authors' NormalFloat "
+                                 "path has no Q-Norm); drop qnorm=true or nf=true")
+        if self.cap_outliers and (self.outliers <= 0 or self.k_scale != "calib"):
+            raise KVLabError(f"{self.name}: 'cap_outliers' caps the calibrated key outliers; it needs outliers > 0 "
+                             "and k_scale=calib")
+
+    @property
+    def kmeans(self) -> bool:
+        """Whether the datatype is a fitted k-means codebook (nuq without nf)."""
+        return self.nuq and not self.nf
+
+    @property
+    def uses_fisher(self) -> bool:
+        return self.kmeans and self.fisher != "none"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.nuq or self.qnorm or self.k_scale == "calib"
+        return self.kmeans or self.qnorm or self.k_scale == "calib"
 
     @property
     def token_group(self) -> int:
         return (self.group or 1) if self.k_scale == "online" else 1
+
+    def _codebook(self, cal: dict, kind: str, layer: int, device) -> torch.Tensor:
+        if self.nf:
+            return _nf_levels(self.bits, device)
+        name = f"{kind}_cb"
+        return cal[name][layer] if name in cal else uniform_codebook(self.bits, device)
 
     # ------------------------------------------------------------------ normalisation
     def _normalise(self, x: torch.Tensor, kind: str, lo=None, hi=None):
@@ -102,6 +179,7 @@ class KVQuant(Method):
 
         offset/scale broadcast to x; (x - offset) / scale lies in [-1, 1] except at outliers
         (which dense-and-sparse keeps exact) or, without outliers, at calibrated-range clipping.
+        The key mask is the plain one (outside [lo, hi]); `cap_outliers` is applied by the caller.
         """
         rho = float(self.outliers)
         if kind == "k" and self.k_scale == "calib":
@@ -123,17 +201,24 @@ class KVQuant(Method):
         return back(off), back(scl), (None if mask is None else back(mask)), meta
 
     # ------------------------------------------------------------------ calibration
+    def calibration_text(self, n_tokens: int, window: int) -> tuple[int, int]:
+        """(tokens, row length) of the calibration text for a caller offering `n_tokens` in rows of `window`:
+        `calib_rows` x `calib_len` (the authors' 16 x 2048), each None = the caller's."""
+        w = self.calib_len or window
+        return (self.calib_rows * w if self.calib_rows else n_tokens), w
+
     def calibration_needs(self, calib_tokens: int) -> CalibrationNeeds | None:
         """Pre-RoPE keys and values of every layer, row by row, with dL/dK and dL/dV (L = the row's
         summed next-token cross-entropy) when the codebook is Fisher-weighted."""
         if not self.needs_calibration:
             return None
-        return CalibrationNeeds(what=("k_pre", "v"), grads=self.nuq and self.fisher, loss="row_sum", to_cpu=True)
+        return CalibrationNeeds(what=("k_pre", "v"), grads=self.uses_fisher, loss="row_sum", to_cpu=True)
 
     def calibration_key(self) -> dict:
-        """The fields that change calibration results (sink does not)."""
-        return {"method": self.name, "version": CALIB_VERSION,
-                **{f: getattr(self, f) for f in ("bits", "nuq", "fisher", "outliers", "qnorm", "k_scale", "group")}}
+        """The fields that change calibration results (the calibration text is keyed by its token ids)."""
+        fields = ("bits", "nuq", "fisher", "outliers", "qnorm", "sink", "k_scale", "group", "nf", "cap_outliers",
+                  "sink_in_fit")
+        return {"method": self.name, "version": CALIB_VERSION, **{f: getattr(self, f) for f in fields}}
 
     def fit(self, captured: Captured) -> dict[str, torch.Tensor]:
         """Calibration tensors from a capture (see `fit_tensors`)."""
@@ -144,60 +229,68 @@ class KVQuant(Method):
                     kgrads: list[torch.Tensor] | None = None, vgrads: list[torch.Tensor] | None = None
                     ) -> dict[str, torch.Tensor]:
         """Calibration from captured tensors: per layer `keys[l]` (pre-RoPE) and `values[l]`,
-        [n, kv_heads, T, head_dim], with optional gradients dL/dK, dL/dV of the same shapes.
-        Returns {"k_cb", "v_cb": [L, 2^b] codebooks in the normalised domain, "k_lo", "k_hi":
-        [L, H, D] key thresholds (k_scale=calib), "k_qn", "v_qn": [L, 2] Q-Norm (a, b) (qnorm)};
-        a fitted method is `method.with_state(tensors)`."""
-        if self.nuq and self.fisher and (kgrads is None or vgrads is None):
-            raise KVLabError(f"{self.spec}: fisher=true needs the gradients dL/dK and dL/dV")
+        [n, kv_heads, T, head_dim] (n rows each starting at position 0), with optional gradients
+        dL/dK, dL/dV of the same shapes. Returns {"k_cb", "v_cb": [L, 2^b] codebooks in the normalised
+        domain (k-means only), "k_lo", "k_hi": [L, H, D] key thresholds (k_scale=calib), "k_qn", "v_qn":
+        [L, 2] Q-Norm (a, b) (qnorm)}; a fitted method is `method.with_state(tensors)`."""
+        if self.uses_fisher and (kgrads is None or vgrads is None):
+            raise KVLabError(f"{self.spec}: fisher={self.fisher} needs the gradients dL/dK and dL/dV")
         rho = float(self.outliers)
         out: dict[str, list[torch.Tensor]] = {"k_cb": [], "v_cb": [], "k_lo": [], "k_hi": []}
         for layer, (k, v) in enumerate(zip(keys, values)):
             k, v = k.float(), v.float()
+            sink = None if self.sink_in_fit or not self.sink else sink_tokens_mask(k.shape, self.sink, k.device)
             lo = hi = None
             if self.k_scale == "calib":
+                # stored as fp16 (as upstream does at inference, SQM:612-613); the fit itself normalises
+                # and picks outliers with the exact percentiles, as upstream's calibration (SQM:465-488)
                 flat = k.permute(1, 3, 0, 2).reshape(k.shape[1], k.shape[3], -1)   # [H, D, n*T]
-                lo = quantile_along(flat, rho / 2, -1).half().float()
-                hi = quantile_along(flat, 1 - rho / 2, -1).half().float()
-                out["k_lo"].append(lo)
-                out["k_hi"].append(hi)
-                lo, hi = lo[None, :, None, :], hi[None, :, None, :]
+                lo = quantile_along(flat, rho / 2, -1)
+                hi = quantile_along(flat, 1 - rho / 2, -1)
+                out["k_lo"].append(lo.half().float())
+                out["k_hi"].append(hi.half().float())
+            if not (self.kmeans or self.qnorm):
+                continue
             for kind, x, g in (("k", k, kgrads), ("v", v, vgrads)):
-                off, scl, mask, _ = self._normalise(x, kind, lo, hi)
+                bcast = None if lo is None else (lo[None, :, None, :], hi[None, :, None, :])
+                off, scl, mask, _ = self._normalise(x, kind, *(bcast or (None, None)))
+                if kind == "k" and self.cap_outliers:
+                    mask = cap_fit_mask(x, lo, hi, cap_count(rho, x.shape[1] * x.shape[3]), sink)
                 z = (x - off) / scl
-                keep = torch.ones_like(z, dtype=torch.bool) if mask is None else ~mask
-                w = None
-                if self.nuq and self.fisher:
-                    w = (g[layer].float().to(z.device) * scl) ** 2
+                drop = torch.zeros_like(z, dtype=torch.bool) if mask is None else mask
+                keep = ~(drop | sink) if sink is not None else ~drop
+                w = fisher_weights(g[layer].to(z.device), scl, self.fisher) if self.uses_fisher else None
                 cb, qn = self._layer_codebook(z, keep, w, seed=2 * layer + (kind == "v"))
-                out[f"{kind}_cb"].append(cb)
+                if cb is not None:
+                    out[f"{kind}_cb"].append(cb)
                 if qn is not None:
                     out.setdefault(f"{kind}_qn", []).append(qn)
         return {name: torch.stack(ts) for name, ts in out.items() if ts}
 
-    def _layer_codebook(self, z: torch.Tensor, keep: torch.Tensor, w: torch.Tensor | None, seed: int) -> torch.Tensor:
+    def _layer_codebook(self, z: torch.Tensor, keep: torch.Tensor, w: torch.Tensor | None, seed: int):
+        """(k-means codebook or None, Q-Norm (a, b) or None) from the kept normalised values of one layer."""
         zs = z[keep]
-        ws = None if w is None else w[keep]
+        ws = None if w is None else w.expand_as(z)[keep]
         if zs.numel() > MAX_KMEANS_POINTS:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             idx = torch.randperm(zs.numel(), generator=gen)[:MAX_KMEANS_POINTS].to(zs.device)
             zs = zs[idx]
             ws = None if ws is None else ws[idx]
-        if self.nuq:
+        cb = None
+        if self.kmeans:
             if ws is not None and not bool((ws > 0).any()):
                 ws = None     # no gradient signal (e.g. a layer the loss does not reach): plain k-means
             cb = kmeans_codebook(zs, self.bits, ws)
-        else:
-            cb = uniform_codebook(self.bits, zs.device)
         qn = None
         if self.qnorm:
             # Q-Norm: reconstruct with a * c_i + b so the layer's dequantized normalised values have
-            # the mean/std of the originals; decisions keep the codebook's midpoints (App. Q-Norm)
-            zh = round_to_codebook(zs, cb)
+            # the mean/std of the originals; decisions keep the codebook's midpoints (App. Q-Norm;
+            # upstream SQM:532-548, statistics over the values k-means saw)
+            zh = round_to_codebook(zs, cb if cb is not None else uniform_codebook(self.bits, zs.device))
             a = zs.std(unbiased=False) / zh.std(unbiased=False).clamp_min(1e-12)
             b = zs.mean() - a * zh.mean()
             qn = torch.stack([a, b]).half().float().cpu()
-        return cb.cpu(), qn
+        return (None if cb is None else cb.cpu()), qn
 
     # ------------------------------------------------------------------ quantization
     def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
@@ -209,9 +302,11 @@ class KVQuant(Method):
             if lo.shape[1] != x.shape[1] or lo.shape[-1] != x.shape[-1]:
                 raise KVLabError(f"{self.name}: calibration has {lo.shape[1]} heads x {lo.shape[-1]} dims for layer "
                                  f"{layer}, got keys of shape {tuple(x.shape)}; recalibrate on this model")
-        cb_name = f"{ctx.kind}_cb"
-        cb = cal[cb_name][layer] if cb_name in cal else uniform_codebook(self.bits, x.device)
+        cb = self._codebook(cal, ctx.kind, layer, x.device)
         off, scl, mask, bits = self._normalise(x, ctx.kind, lo, hi)
+        if mask is not None and ctx.kind == "k" and self.cap_outliers:
+            n_cap = cap_count(float(self.outliers), x.shape[1] * x.shape[3])
+            mask = cap_outlier_mask((x.float() - off) / scl, mask, n_cap)
         levels = None
         if self.qnorm:
             a, b = cal[f"{ctx.kind}_qn"][layer]
@@ -223,8 +318,8 @@ class KVQuant(Method):
         bits = bits + code_bits
         if ctx.start <= self.sink_tokens:          # the layer's first chunk: per-layer tables, once
             per_layer = 0.0
-            if self.nuq:
-                per_layer += 16.0 * cb.numel()      # the layer's fp16 codebook (LUT)
+            if self.kmeans:
+                per_layer += 16.0 * cb.numel()      # the layer's fp16 codebook (LUT); NF's levels are fixed
             if self.qnorm:
                 per_layer += 2 * 16.0               # Q-Norm's (a, b)
             if lo is not None:
@@ -236,4 +331,8 @@ class KVQuant(Method):
 for _b in (4, 3, 2):
     preset(f"kvquant-nuq{_b}", f"kvquant:bits={_b}")
     preset(f"kvquant-nuq{_b}-1%", f"kvquant:bits={_b},outliers=0.01")
+    preset(f"kvquant-nuq{_b}-qnorm", f"kvquant:bits={_b},qnorm=true")
+    preset(f"kvquant-nuq{_b}-1%-qnorm", f"kvquant:bits={_b},outliers=0.01,qnorm=true")
+    preset(f"kvquant-nf{_b}", f"kvquant:bits={_b},nf=true")
+    preset(f"kvquant-nf{_b}-1%", f"kvquant:bits={_b},outliers=0.01,nf=true")
     preset(f"kvquant-int{_b}", f"kvquant:bits={_b},nuq=false")
