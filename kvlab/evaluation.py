@@ -39,6 +39,7 @@ from .metrics import kl_to_reference, perplexity, token_nll, top1_agreement
 from .models import LoadedModel
 from .quant.base import Method
 from .quant.registry import parse
+from .traces import build_trace
 
 _FP_LOGITS: dict[tuple, torch.Tensor] = {}
 _FP_LOGITS_MAX = 4
@@ -102,30 +103,6 @@ class EvalResult:
     layers: object = None            # pandas DataFrame: per-layer bits and relative errors
     info: list = field(default_factory=list)
     trace: dict = field(default_factory=dict)   # per position / per decode step (see `evaluate`)
-
-
-TRACE_STEPS = 256      # per-layer bits are kept at (at most) this many evenly spaced decode steps
-
-
-def _trace(pos_sums: torch.Tensor, pos_count: torch.Tensor, steps: dict | None) -> dict:
-    """Per-position means over windows (token index in the window of the predicted token) and, in decode,
-    the bits of the cache each step read, averaged over windows, by stored tokens."""
-    import numpy as np
-
-    scored = (pos_count > 0).nonzero().flatten()
-    means = (pos_sums.cpu()[:, scored] / pos_count[scored]).tolist()
-    trace = {"position": (scored + 1).tolist(), "nll": means[0], "kl": means[1], "top1": means[2]}
-    if steps is not None and len(steps["avg_bits"]):
-        tokens = np.unique(steps["tokens"])
-        at = np.searchsorted(tokens, steps["tokens"])
-        count = np.bincount(at, minlength=len(tokens))
-        avg = np.bincount(at, weights=steps["avg_bits"], minlength=len(tokens)) / count
-        layer = np.stack([np.bincount(at, weights=steps["layer_bits"][:, j], minlength=len(tokens)) / count
-                          for j in range(steps["layer_bits"].shape[1])], axis=1)
-        keep = np.unique(np.linspace(0, len(tokens) - 1, min(TRACE_STEPS, len(tokens))).round().astype(int))
-        trace.update(bits_tokens=tokens.tolist(), bits=avg.tolist(), layer_bits_tokens=tokens[keep].tolist(),
-                     layer_bits=layer[keep].tolist())
-    return trace
 
 
 def _scored_slice(spec: EvalSpec, i: int) -> slice:
@@ -198,7 +175,7 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     `result.trace` holds the same quantities per position, averaged over windows: `position` (the
     index in the window of the predicted token), `nll`, `kl`, `top1`; in decode also `bits_tokens` /
     `bits` (bits per element of the cache each step read, by the number of stored tokens it held)
-    and `layer_bits_tokens` / `layer_bits` (per layer, at most `TRACE_STEPS` steps).
+    and `layer_bits_tokens` / `layer_bits` (per layer, at most `kvlab.traces.TRACE_STEPS` steps).
     """
     from tqdm.auto import tqdm
 
@@ -237,7 +214,7 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     layers, info = run.layer_report(), run.info
     metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
                "protocol": spec.protocol, **metrics}
-    return EvalResult(metrics, layers, info, _trace(pos_sums, pos_count, run.step_bits()))
+    return EvalResult(metrics, layers, info, build_trace(pos_sums, pos_count, run.step_bits()))
 
 
 METRICS = ("ppl", "kl", "top1", "avg_bits", "avg_bits_k", "avg_bits_v", "k_rel_err", "v_rel_err", "attn_rel_err",

@@ -4,7 +4,7 @@
 the results store) holds, per scored position averaged over windows, the NLL of the predicted
 token, the KL to the fp model and top-1 agreement; in the decode protocol also the bits per element
 of the cache each step read, overall and per layer. These functions turn them into long
-DataFrames for plotting (`kvlab.plots.position_curves`, `kvlab.plots.layer_bits_over_steps`):
+DataFrames for plotting (`build_trace` makes the trace from the evaluator's per-position sums) (`kvlab.plots.position_curves`, `kvlab.plots.layer_bits_over_steps`):
 
     df = run_task(lm, "ppl", ["fp16", "kivi-2"], protocol="decode", window=1024, prefill=512, store=store)
     quality = traces.position_frame(df, smooth=32)     # label, position, nll, kl, top1, nll_delta (+ smoothed)
@@ -12,11 +12,39 @@ DataFrames for plotting (`kvlab.plots.position_curves`, `kvlab.plots.layer_bits_
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import KVLabError
 
+if TYPE_CHECKING:
+    import torch
+
 QUALITY = ("nll", "kl", "top1")
+TRACE_STEPS = 256      # per-layer bits are kept at (at most) this many evenly spaced decode steps
+
+
+def build_trace(pos_sums: torch.Tensor, pos_count: torch.Tensor, steps: dict | None) -> dict:
+    """The trace `kvlab.evaluate` returns: per-position means over windows of `pos_sums` [3, positions]
+    (NLL, KL, top-1 summed over windows; `pos_count` windows per position; position = token index in
+    the window of the predicted token) and, in decode, the bits of the cache each step read
+    (`steps` = `run.step_bits()`), averaged over windows by stored tokens; per-layer bits at no more
+    than `TRACE_STEPS` evenly spaced step lengths."""
+    import numpy as np
+
+    scored = (pos_count > 0).nonzero().flatten()
+    means = (pos_sums.cpu()[:, scored] / pos_count[scored]).tolist()
+    trace = {"position": (scored + 1).tolist(), "nll": means[0], "kl": means[1], "top1": means[2]}
+    if steps is not None and len(steps["avg_bits"]):
+        tokens = np.unique(steps["tokens"])
+        at = np.searchsorted(tokens, steps["tokens"])
+        count = np.bincount(at, minlength=len(tokens))
+        avg = np.bincount(at, weights=steps["avg_bits"], minlength=len(tokens)) / count
+        layer = np.stack([np.bincount(at, weights=steps["layer_bits"][:, j], minlength=len(tokens)) / count
+                          for j in range(steps["layer_bits"].shape[1])], axis=1)
+        keep = np.unique(np.linspace(0, len(tokens) - 1, min(TRACE_STEPS, len(tokens))).round().astype(int))
+        trace.update(bits_tokens=tokens.tolist(), bits=avg.tolist(), layer_bits_tokens=tokens[keep].tolist(),
+                     layer_bits=layer[keep].tolist())
+    return trace
 
 
 def _rows_with_traces(df) -> list:

@@ -52,9 +52,10 @@ class Architecture:
                    cfg.num_attention_heads // cfg.num_key_value_heads)
 
 
-def text_config(model):
-    """The decoder's config (multimodal models nest it)."""
-    return model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+def text_config(model_or_config):
+    """The decoder's config of a model or of a config (multimodal models nest it)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
 def head_dim(cfg) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..quant.base import Method
-from .arch import head_dim
+from .arch import head_dim, text_config
 
 
 class ExternalCache:
@@ -45,7 +45,7 @@ class ExternalCache:
             self.step_ratios.append((self.current["k_bits"] + self.current["v_bits"]) / n)
             self.step_layers.append([(r["k_bits"] + r["v_bits"]) / (r["k_elems"] + r["v_elems"])
                                      if r["k_elems"] + r["v_elems"] else math.nan for r in self.current_layers])
-            cfg = self.config.get_text_config(decoder=True) if hasattr(self.config, "get_text_config") else self.config
+            cfg = text_config(self.config)
             per_token = cfg.num_key_value_heads * head_dim(cfg)
             tokens = max((r["k_elems"] for r in self.current_layers), default=0) // per_token
             self.step_where.append((self.sequence, self.step_in_sequence, tokens))
