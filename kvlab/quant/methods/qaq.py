@@ -12,7 +12,7 @@ target eps (Sec. 4.1; formulas in `kvlab.quant.allocation`):
   R = max - min of the group without its outliers; the last (n_recent - 1) tokens get n_max
   (their attention window is incomplete).
 * outliers (Sec. 4.2): a fraction `outliers` of values, half at each end, kept at 16 bits
-  (+ a 32-bit index) and excluded from the group's statistics.
+  and excluded from the group's statistics.
 
 `variant="paper"` follows the paper's text; `variant="code"` the authors' implementation. What
 differs (state which one a figure uses):
@@ -35,8 +35,48 @@ Levels: "head" = one group per (token, kv head) of a layer; "layer" = one per (t
 kv heads; "token" = one per token over every layer and head (needs the whole cache: scope "cache").
 `scope` and `needs_attention` therefore depend on the config (instance properties).
 
-Bits stored per group: B per non-outlier value + fp16 scale + fp16 zero/mean (32) + an 8-bit width
-field when n_min < n_max (a mixed-precision cache must store each group's width) + 48 per outlier.
+Against the authors' code, line by line (github.com/ClubieDong/QAQ-KVCacheQuantization at f8d47e0;
+`quantizer.py` = src/quantizer.py). `variant="code"` follows these rules:
+
+* key e_max with the constant q_norm: quantizer.py:160 (300 in every run, experiments/grid_search.py:74).
+* value a_max: the prompt's attention rows [-last_n:], max over those queries and the group's dims
+  (quantizer.py:163-169; the prompt's attentions only, evaluator.py:71); e_max: quantizer.py:171.
+* bits: ceil(log2(R / (2 e_max) + 1)) clamped to [n_min, n_max] (quantizer.py:187, 191), R = max - min
+  of the non-outliers (quantizer.py:173, 181-183); the last last_n - 1 tokens get n_max and are still
+  quantized at that width (quantizer.py:193-195). The authors' runs evaluate this rule on fp16 tensors
+  (src/main.py:24; R and the attention probabilities fp16, every result rounded): `bit_math="fp16"` (the
+  default) does the same, `bit_math="fp32"` is kvlab's former fp32 rule (`qaq_bits`). It matters: 1 + y
+  rounds to 1 in fp16 for y = R / (2 e_max) <= 2^-11, so low-attention tokens get 0 bits (n_min = 0),
+  which in fp32 almost never happens, and widths near a boundary can fall one bit lower.
+  n_max may be 0 (quantizer.py:89). Both fields apply to the code variant only.
+* outliers: per group, x <= kthvalue(ceil(r/2 n)) or x > kthvalue(floor((1 - r/2) n)) (quantizer.py:198-212),
+  kept exactly (quantizer.py:253) and left out of mean, min and max (quantizer.py:217, 226-230).
+* grid: mu + clamp(round((x - mu) / s), -2^(n-1), 2^(n-1) - 1) s with s = (max - min) / 2^n
+  (quantizer.py:226-230, 239, 244, 249). At n = 0 both clamp bounds are -1/2 (2 ** -1 in Python; torch
+  promotes the int32 codes to float), so every value becomes mu - R/2: `zero_bits="authors"` (the
+  default) does this; `zero_bits="mean"` stores mu (kvlab before this field existed). Only the code grid
+  depends on it: at 0 bits the paper grid gives (min + max) / 2 and the normal grid mu.
+* when: the prompt's cache is quantized once and the continuation is scored in one forward against it
+  with its own K/V at full precision (evaluator.py:71-81); no per-step re-quantization (the paper's
+  Sec. 4.2 describes one; the code has none).
+* bits booked (`booking="authors"`): mean over groups of n times (1 - r) plus 16 r per value
+  (quantizer.py:275-276), plus two fp16 numbers (mean, scale) per group (quantizer.py:286-298): the
+  nominal outlier fraction r, no outlier index, no width field. `booking="kvlab"` (the default, as
+  every kvlab method books its outliers, cf. kvquant) counts what a mixed-precision cache must store:
+  B per non-outlier value + fp16 scale + fp16 zero/mean (32) + an 8-bit width field when n_min < n_max
+  + 48 per outlier actually found (fp16 value + int32 index).
+
+Deliberate departures (not switchable): (1) the grid is computed in float32 with the mean and scale
+rounded to fp16, as stored; the authors compute it in the model dtype, fp16 in their runs (src/main.py:24,
+quantizer.py:109-111), so a value on a rounding boundary can land one level apart. (2) a_max is computed by kvlab from the
+queries and keys in fp32, the authors read the model's (fp16) attention probabilities. (3) GQA: a_max is
+the max over the query heads of a KV group and the booking counts KV-head elements; the authors' code
+assumes one query head per KV head (head level fails on GQA) and books hidden_size (query heads)
+elements per layer (quantizer.py:287). (4) The authors' `use_attentions=False` is a fixed-width
+quantizer (quantizer.py:151-158); kvlab's `attention_aware=False` keeps the closed-form bits with
+a_max = 1 (a fixed width: n_min = n_max). (5) Their `symmetric=True` option (quantizer.py:177-179, 218-224)
+is not implemented; none of their experiments uses it. (6) L = 1 (a pole of the key rule) is treated as
+L = 2; the authors' code divides by zero.
 """
 from __future__ import annotations
 
@@ -53,6 +93,9 @@ from ..registry import preset, register
 LEVELS = ("token", "layer", "head")
 QUANTS = ("uniform", "normal")
 VARIANTS = ("paper", "code")
+ZERO_BITS = ("authors", "mean")    # n = 0 on the code grid: mu - R/2 (quantizer.py:249) | mu (kvlab before)
+BIT_MATHS = ("fp16", "fp32")        # code bit rule evaluated in fp16 (the authors' runs) | fp32 (kvlab before)
+BOOKINGS = ("kvlab", "authors")    # bits booked: what a mixed cache stores | quantizer.py:275-276, 286-298
 META_BITS = 32          # fp16 scale + fp16 zero point (or mean) per group
 WIDTH_BITS = 8          # per-group bit width, stored only when widths vary (n_min < n_max)
 OUTLIER_BITS = 16 + 32  # fp16 value + int32 index
@@ -69,9 +112,19 @@ class QAQ(Method):
     level: "head" | "layer" | "token". quant: "uniform" | "normal". variant: "paper" | "code".
     attention_aware: value bits use a_max (else a_max = 1). n_recent: attention window (queries).
     q_norm: squared query norm for the key rule; None = measured (paper) or 300 (code).
+    bit_math: code bit rule in "fp16" (as the authors' fp16 runs; their only 0-bit groups) | "fp32" (former).
+    zero_bits: code grid at 0 bits: "authors" (mu - R/2, quantizer.py:249) | "mean" (mu; kvlab's former rule).
+    booking: bits booked: "kvlab" (width field, 48 bits per outlier found) | "authors" (quantizer.py:275-298).
     """
 
     name = "qaq"
+    # the code variant's new defaults are spelled out (results stored under its older spec strings meant
+    # zero_bits=mean, bit_math=fp32 and never answer for the authors' rule); in the paper variant these
+    # fields change nothing, so its specs (and stored results) stay as they were
+    @property
+    def spec_always(self) -> tuple[str, ...]:
+        return ("bit_math", "zero_bits") if self.variant == "code" else ()
+
     eps_k: float = 2.0
     eps_v: float = 0.05
     n_min: int = 1
@@ -85,6 +138,9 @@ class QAQ(Method):
     q_norm: float | None = None
     sink: int = 0
     residual: int = 0
+    bit_math: str = "fp16"
+    zero_bits: str = "authors"
+    booking: str = "kvlab"
 
     # --- config-dependent interface flags ----------------------------------------------------------
     @property
@@ -104,12 +160,16 @@ class QAQ(Method):
         check_range(self.name, "eps_k", self.eps_k, 0, math.inf, lo_open=True, hi_open=True)
         check_range(self.name, "eps_v", self.eps_v, 0, math.inf, lo_open=True, hi_open=True)
         check_range(self.name, "n_min", self.n_min, 0, 16, integer=True)
-        check_range(self.name, "n_max", self.n_max, max(self.n_min, 1) if isinstance(self.n_min, int) else 1, 16,
+        # n_min <= n_max, both in [0, 16] (quantizer.py:85, 89): n_max = 0 stores every group at 0 bits
+        check_range(self.name, "n_max", self.n_max, self.n_min if isinstance(self.n_min, int) else 0, 16,
                     integer=True)
         check_range(self.name, "outliers", self.outliers, 0, 1, hi_open=True)
         check_choice(self.name, "level", self.level, LEVELS)
         check_choice(self.name, "quant", self.quant, QUANTS)
         check_choice(self.name, "variant", self.variant, VARIANTS)
+        check_choice(self.name, "bit_math", self.bit_math, BIT_MATHS)
+        check_choice(self.name, "zero_bits", self.zero_bits, ZERO_BITS)
+        check_choice(self.name, "booking", self.booking, BOOKINGS)
         check_range(self.name, "n_recent", self.n_recent, 1, 1 << 20, integer=True)
         if self.q_norm is not None:
             check_range(self.name, "q_norm", self.q_norm, 0, math.inf, lo_open=True, hi_open=True)
@@ -147,8 +207,11 @@ class QAQ(Method):
             a_max = att.received_max.float().amax(1) if (self.attention_aware and att is not None) else None
         self._need(kind, att)
         xh, bits, mask = self._groups(xg, kind, L, ctx.start, tok_dim, q_sq, a_max)
-        valid = (~mask).sum(-1)
-        total = (bits * valid).sum() + bits.numel() * self._meta_bits + mask.sum() * OUTLIER_BITS
+        if self.booking == "authors":
+            total = self._authors_bits(bits.sum(), xg.shape[-1], xg.numel(), bits.numel())
+        else:
+            valid = (~mask).sum(-1)
+            total = (bits * valid).sum() + bits.numel() * self._meta_bits + mask.sum() * OUTLIER_BITS
         if self.level == "head":
             x_out = xh
             bmap = bits
@@ -181,11 +244,14 @@ class QAQ(Method):
         X = torch.stack([x.float() for x in xs])                          # [Ly, b, h, t, d]
         xg = X.permute(1, 3, 0, 2, 4).reshape(b, t, n_layers * h * d)     # groups [b, t]
         xh, bits, mask = self._groups(xg, kind, L, ctx.start, 1, q_sq, a_max)
-        valid_l = (~mask).reshape(b, t, n_layers, h * d).sum(-1)          # [b, t, Ly]
         out_l = mask.reshape(b, t, n_layers, h * d).sum(-1)
-        code_l = (bits[..., None] * valid_l).sum(dim=(0, 1))              # [Ly]
-        meta_l = bits.numel() * self._meta_bits / n_layers                # group metadata shared evenly
-        totals = code_l.float() + meta_l + out_l.sum(dim=(0, 1)).float() * OUTLIER_BITS
+        if self.booking == "authors":                                     # every layer holds h*d values per group
+            totals = self._authors_bits(bits.sum(), h * d, b * t * h * d, bits.numel() / n_layers).expand(n_layers)
+        else:
+            valid_l = (~mask).reshape(b, t, n_layers, h * d).sum(-1)      # [b, t, Ly]
+            code_l = (bits[..., None] * valid_l).sum(dim=(0, 1))          # [Ly]
+            meta_l = bits.numel() * self._meta_bits / n_layers            # group metadata shared evenly
+            totals = code_l.float() + meta_l + out_l.sum(dim=(0, 1)).float() * OUTLIER_BITS
         xh = xh.reshape(b, t, n_layers, h, d).permute(2, 0, 3, 1, 4)
         bmap = bits[:, None, :].expand(b, h, t)
         return [Quantized(xh[l].to(xs[l].dtype), totals[l], info={f"bits_{kind}": bmap,
@@ -196,6 +262,12 @@ class QAQ(Method):
     @property
     def _meta_bits(self) -> int:
         return META_BITS + (WIDTH_BITS if self.n_min < self.n_max else 0)
+
+    def _authors_bits(self, bits_sum: torch.Tensor, per_group: int, n_values: int, n_groups: float) -> torch.Tensor:
+        """The authors' booking: sum_g B_g * per_group * (1 - r) + 16 r per value + 2 fp16 per group
+        (quantizer.py:275-276: mean_g(B_g) (1 - r) + 16 r bits per value; quantizer.py:286-298: + 2 x 16 per group)."""
+        r = float(self.outliers)
+        return (bits_sum.double() * per_group * (1.0 - r) + n_values * 16.0 * r + n_groups * META_BITS).float()
 
     def _need(self, kind: str, att) -> None:
         if att is None and ((kind == "v" and self.attention_aware) or (kind == "k" and self._measured_q_norm)):
@@ -212,8 +284,14 @@ class QAQ(Method):
             qn = q_sq if q_sq is not None else torch.tensor(self.q_norm or CODE_Q_NORM, device=xg.device)
             e_max = qaq_key_emax(L, self.eps_k, qn)
         else:
-            e_max = qaq_value_emax(L, self.eps_v, a_max if a_max is not None else torch.ones((), device=xg.device))
-        bits = qaq_bits(R, e_max, self.n_min, self.n_max, self.variant).expand(R.shape)
+            a = a_max if a_max is not None else torch.ones((), device=xg.device)
+            if self.variant == "code" and self.bit_math == "fp16":
+                a = a.half().float()                # the model's fp16 attention probabilities (evaluator.py:69-71)
+            e_max = qaq_value_emax(L, self.eps_v, a)
+        if self.variant == "code" and self.bit_math == "fp16":
+            bits = code_bits_fp16(R, e_max, self.n_min, self.n_max, e_is_fp16=(kind == "v")).expand(R.shape)
+        else:
+            bits = qaq_bits(R, e_max, self.n_min, self.n_max, self.variant).expand(R.shape)
         if self.n_recent > 1:
             t = xg.shape[tok_dim]
             pos = start + torch.arange(t, device=xg.device)
@@ -221,7 +299,7 @@ class QAQ(Method):
             shape = [1] * bits.dim()
             shape[tok_dim] = t
             bits = torch.where(recent.view(shape), torch.full_like(bits, self.n_max), bits)
-        xh = dequant_groups(xg, bits, mn, mx, mu, sd, grid=self._grid)
+        xh = dequant_groups(xg, bits, mn, mx, mu, sd, grid=self._grid, zero=self.zero_bits)
         xh = torch.where(mask, xg, xh)
         return xh, bits, mask
 
@@ -258,6 +336,26 @@ def outlier_mask(xg: torch.Tensor, ratio: float) -> torch.Tensor:
     return (xg <= lo) | (xg > hi)
 
 
+def code_bits_fp16(R: torch.Tensor, e_max: torch.Tensor, n_min: int, n_max: int, e_is_fp16: bool) -> torch.Tensor:
+    """clamp(ceil(log2(R / (2 e_max) + 1)), n_min, n_max) with every step rounded to fp16, as the
+    authors' code computes it on an fp16 model (src/quantizer.py:187, 191; dtype src/main.py:24).
+
+    R is the fp16 difference of fp16 numbers (exact in fp32, then rounded). Values: e_max divides by the
+    fp16 attention probabilities (quantizer.py:171), so it is an fp16 tensor (`e_is_fp16`); keys: e_max
+    is a Python float (quantizer.py:160). Each op computes in fp32 and rounds its result to fp16, as
+    torch's fp16 kernels do. 1 + y rounds to 1 for y <= 2^-11, so groups with R < ~1e-3 x 2 e_max get
+    0 bits here (in fp32 only for y < ~7e-6: `qaq_bits`).
+    """
+    h = lambda t: t.half().float()                                          # noqa: E731
+    r = h(R.float())
+    e = e_max.float() if torch.is_tensor(e_max) else torch.tensor(float(e_max), device=r.device)
+    two_e = h(2.0 * h(e)) if e_is_fp16 else 2.0 * e
+    y = h(r / two_e)
+    bits = torch.ceil(h(torch.log2(h(y + 1.0))))
+    bits = torch.nan_to_num(bits, nan=float(n_max), posinf=float(n_max), neginf=float(n_min))
+    return bits.clamp(n_min, n_max).to(torch.int64)
+
+
 def group_stats(xg: torch.Tensor, mask: torch.Tensor):
     """min, max, mean, std (unbiased) of each group's non-outlier values; groups [*G, n] -> [*G]."""
     valid = ~mask
@@ -274,11 +372,14 @@ def group_stats(xg: torch.Tensor, mask: torch.Tensor):
     return mn, mx, mu, var.sqrt()
 
 
-def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: str) -> torch.Tensor:
+def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: str,
+                   zero: str = "mean") -> torch.Tensor:
     """Quantize-dequantize each group at its own bit width (bits [*G]); parameters stored as fp16.
 
     midpoint: 2^B segments of [min, max], rounded to the segment midpoint (QAQ paper, Sec. 4.1).
-    mean:     mu + k s, s = R / 2^B, k in [-2^(B-1), 2^(B-1) - 1] (QAQ code; B = 0 stores mu).
+    mean:     mu + k s, s = R / 2^B, k in [-2^(B-1), 2^(B-1) - 1] (QAQ code). B = 0: k = -1/2, i.e.
+              mu - R/2, with zero="authors" (both clamp bounds of src/quantizer.py:249 are -1/2);
+              k = 0, i.e. mu, with zero="mean".
     normal:   (x - mu) / std mapped to the centre quantile of its bin among 2^B N(0,1) bins.
     """
     b = bits.float()[..., None]
@@ -292,8 +393,11 @@ def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: s
         m = mu.half().float()[..., None]
         s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
         half = 2.0 ** (b - 1)
-        q = torch.round((xg - m) / s).clamp(min=-half, max=half - 1)
-        q = torch.where(b == 0, torch.zeros_like(q), q)
+        q = torch.round((xg - m) / s).clamp(min=-half, max=half - 1)      # B = 0: clamp to [-1/2, -1/2]
+        if zero == "mean":
+            q = torch.where(b == 0, torch.zeros_like(q), q)
+        elif zero != "authors":
+            raise KVLabError(f"qaq: unknown zero-bits rule {zero!r}")
         return m + q * s
     if grid == "normal":
         m = mu.half().float()[..., None]
