@@ -111,6 +111,12 @@ def cmd_eval(args) -> None:
 
     check_device(args.device)      # a missing GPU / CUDA build fails here, before any weights are read
     kind = task_kind(args.task)
+    if args.data is not None and kind != "ppl":
+        raise KVLabError(f"--data applies to --task ppl only; the task '{args.task}' reads its own examples")
+    if kind == "ppl":
+        from .data import DEFAULT_CORPUS, check_corpus
+        args.data = args.data or DEFAULT_CORPUS
+        check_corpus(args.data)    # an unknown corpus or an unreadable file:PATH fails before the model loads
     opts = {"ppl": dict(data=args.data, n_tokens=args.n_tokens, window=args.window, stride=args.stride,
                         prefill=args.prefill, attn_error=not args.no_attn_error, calib_tokens=args.calib_tokens, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
                                                  else {})),
@@ -207,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--task", default="ppl", help="ppl (default), a multiple-choice task (cloze-wiki, hellaswag, "
                    "piqa, mathqa, truthfulqa) or a summarization task (lead-wiki, xsum)")
-    e.add_argument("--data", default="wiki", help="ppl: the corpus")
+    e.add_argument("--data", default=None, help="ppl: the corpus (default wiki): a packaged one (wiki, kjv, "
+                   "paulgraham, squad, hotpotqa), hf:<path>[:<config>][:<split>] (online), or your own file, "
+                   "file:PATH: plain UTF-8 text, or .jsonl with a 'text' field per line")
     e.add_argument("--method", action="append", required=True, help="a spec or preset; repeat for several")
     e.add_argument("--protocol", default=None, choices=["fake", "prefill-decode", "decode"],
                    help="default: fake for ppl and multiple choice, prefill-decode for summaries; decode: "

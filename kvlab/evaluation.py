@@ -87,7 +87,12 @@ class EvalSpec:
 
     @property
     def key(self) -> str:
-        s = f"{self.data}:n={self.n_tokens},w={self.window}"
+        """The data part of a result's identity. A `file:PATH` corpus carries the sha256 of its content
+        (first 16 hex digits), so a result stored before the file was edited is not read back for it."""
+        data = self.data
+        if data.startswith(data_mod.FILE_PREFIX):
+            data = f"{data}@sha256:{data_mod.corpus_id(data).rsplit(':', 1)[-1][:16]}"
+        s = f"{data}:n={self.n_tokens},w={self.window}"
         if self.stride not in (None, self.window):
             s += f",s={self.stride}"
         if self.protocol in ("prefill-decode", "decode"):

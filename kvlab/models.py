@@ -150,7 +150,12 @@ def load(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
 ) -> LoadedModel:
-    """Load a model by kvlab name (`smollm2-135m`, `tiny-<family>`), HF hub id or local path.
+    """Load a model by kvlab name (`smollm2-135m`, `tiny-<family>`), HF hub id or local folder.
+
+    A local folder is what `save_pretrained` writes: config.json, weights (*.safetensors or
+    pytorch_model*.bin) and the tokenizer's files; it is read without the network, and a folder that
+    is missing or lacks one of these is a KVLabError saying which. A name counts as a folder when it
+    exists, starts with /, ./, ../ or ~, or has more than one "/"; `org/name` is a hub id.
 
     `device_map` (e.g. "auto") spreads a large model over GPUs/CPU with accelerate; it overrides `device`.
     The device is checked before any weights are read (`check_device`): a missing GPU or CUDA build
@@ -168,10 +173,13 @@ def load(
     if name in EMBEDDED:
         path = _embedded_cache(name)
         return _from_pretrained(str(path), EMBEDDED[name]["model_id"], name, device, dtype, device_map)
-    if "/" in name or Path(name).exists():
+    if _is_local(name):
+        return _from_local(name, device, dtype, device_map)
+    if "/" in name:
         return _from_hub(name, device, dtype, device_map)
     raise KVLabError(f"unknown model name '{name}'. Known names: {', '.join(known_names())}; "
-                     "or pass an HF hub id such as 'meta-llama/Llama-3.2-1B' or a local path.")
+                     "or pass an HF hub id such as 'meta-llama/Llama-3.2-1B' or a local folder "
+                     "(config.json, weights and tokenizer files, as save_pretrained writes them).")
 
 
 def _from_pretrained(path: str, model_id: str, name: str, device, dtype, device_map, **kw) -> LoadedModel:
@@ -185,6 +193,48 @@ def _from_pretrained(path: str, model_id: str, name: str, device, dtype, device_
     return LoadedModel(model, tokenizer, model.config, model_id, name)
 
 
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_FOLDER = "config.json, weights (*.safetensors or pytorch_model*.bin) and tokenizer files, as save_pretrained writes them"
+
+
+def _is_local(name: str) -> bool:
+    """A local path rather than a hub id: it exists, or its spelling can only be a path."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name:
+        return True
+    try:
+        return Path(name).expanduser().exists()
+    except OSError:          # e.g. a name too long for the file system
+        return False
+
+
+def _from_local(name: str, device, dtype, device_map) -> LoadedModel:
+    """A model folder on this machine, checked first so that each missing piece has its own message."""
+    path = Path(name).expanduser()
+    where = f"'{name}'" if path.is_absolute() else f"'{name}' (= {path.absolute()})"
+    if not path.exists():
+        raise KVLabError(f"model folder {where} does not exist. kvlab.load takes a kvlab name "
+                         f"({', '.join(known_names())}), an HF hub id (org/name) or a local folder with {_FOLDER}")
+    if not path.is_dir():
+        raise KVLabError(f"model path {where} is a file, not a folder: kvlab.load reads a folder with {_FOLDER}")
+    files = sorted(p.name for p in path.iterdir())
+    holds = f"it holds: {', '.join(files[:12])}{' ...' if len(files) > 12 else ''}" if files else "it is empty"
+    if not (path / "config.json").is_file():
+        raise KVLabError(f"model folder {where} has no config.json ({holds}); write the model there with "
+                         "model.save_pretrained(folder)")
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHTS):
+        raise KVLabError(f"model folder {where} has config.json but no weights: no *.safetensors or "
+                         f"pytorch_model*.bin ({holds}); write them with model.save_pretrained(folder)")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise KVLabError(f"model folder {where} has no tokenizer files ({' / '.join(_TOKENIZER_FILES[:2])}; {holds}); "
+                         "write them with tokenizer.save_pretrained(folder)")
+    try:
+        return _from_pretrained(str(path), name, name, device, dtype, device_map, local_files_only=True)
+    except (OSError, ValueError) as exc:   # transformers: unreadable config, unknown model_type, bad tokenizer
+        raise KVLabError(f"could not load the model folder {where}: {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0]}") from exc
+
+
 def _from_hub(name: str, device, dtype, device_map) -> LoadedModel:
     # huggingface_hub reads HF_HUB_OFFLINE at import: honour a later setting too, without network retries
     kw = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE") == "1" else {}
@@ -192,10 +242,11 @@ def _from_hub(name: str, device, dtype, device_map) -> LoadedModel:
         return _from_pretrained(name, name, name, device, dtype, device_map, **kw)
     except OSError as exc:  # transformers raises OSError for missing repos and for no network
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower() or "offline" in str(exc).lower()
-        cause = "this machine cannot reach the HF hub (offline)" if offline else "the hub or path did not provide it"
+        cause = "this machine cannot reach the HF hub (offline)" if offline else "the hub did not provide it"
         raise KVLabError(
-            f"could not load model '{name}': {cause}. Underlying error: {str(exc).splitlines()[0]}. "
-            f"Offline, use an embedded model ({', '.join(EMBEDDED)}) or a local path with config.json + weights."
+            f"could not load model '{name}' (an HF hub id; no folder of that name exists in {Path.cwd()}): "
+            f"{cause}. Underlying error: {str(exc).splitlines()[0]}. Offline, use an embedded model "
+            f"({', '.join(EMBEDDED)}) or a local folder with {_FOLDER}."
         ) from exc
 
 

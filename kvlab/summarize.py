@@ -45,12 +45,13 @@ generated text: the first sentence of its first non-empty line. Greedy, where HE
 temperature 0.3: methods are compared on one deterministic output each. Prompts of identical token
 length run as one batch; others one at a time (padding would enter per-channel statistics).
 
-Metrics (F1, mean over examples, `kvlab.rouge`): `rouge1`, `rouge2`, `rougeL` against the reference,
-and `rougeL_fp`, ROUGE-L of the method's summary against the fp model's summary of the same prompt
-(1.0 for an identical string, also one without any word token, which ROUGE itself scores 0). For a
-135M model the reference scores are low and noisy, while `rougeL_fp` measures only what the cache
-did to the output. The fp summaries are generated once per (model, prompts, generation settings)
-and cached on disk (`kvlab.diskcache`, kind "reference").
+Metrics (F1, mean over examples; `kvlab.rouge` calls Google's `rouge_score`, no stemmer, and needs
+`pip install rouge-score`): `rouge1`, `rouge2`, `rougeL` against the reference, and `rougeL_fp`,
+ROUGE-L of the method's summary against the fp model's summary of the same prompt (1.0 for an
+identical string, also one without any word token, which ROUGE itself scores 0). For a 135M model
+the reference scores are low and noisy, while `rougeL_fp` measures only what the cache did to the
+output. The fp summaries are generated once per (model, prompts, generation settings) and cached
+on disk (`kvlab.diskcache`, kind "reference").
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ from .quant.base import Method
 from .quant.registry import parse
 from .calibration import TASK_TOKENS, calibrate
 from .retrieval import generate
-from .rouge import rouge
+from .rouge import require_rouge_score, rouge
 
 
 __all__ = ["TASKS", "TEMPLATES", "examples", "shot_examples", "first_sentence", "build_prompts", "summary_text",
@@ -338,6 +339,7 @@ def evaluate_summaries(lm: LoadedModel, method: Method | str = "fp16", task: str
     0 by default: SmolLM2-135M copies the shot's summary or starts a new article instead. A method
     that needs calibration is calibrated with `kvlab.calibrate` on the corpus start.
     """
+    require_rouge_score()         # before any generation: a missing `rouge_score` fails at once
     if lm.tokenizer is None:
         raise KVLabError(f"evaluate_summaries needs a model with a tokenizer; '{lm.name}' has none")
     if protocol not in PROTOCOLS:
