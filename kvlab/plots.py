@@ -35,22 +35,349 @@ def save(fig: "matplotlib.figure.Figure", name: str, folder: str | Path) -> list
     return out
 
 
-def quality_vs_bits(df, y: str = "ppl", hue: str = "label", ax=None, logy: bool = True, title: str | None = None):
-    """Scatter of average bits per element vs a quality metric, one point per method, labelled."""
+# ----------------------------------------------------------------------------- words for columns and methods
+# The one mapping from result columns to axis / legend words (with units). Every function here labels its
+# axes through `axis_label`; a column missing here is shown as its own name.
+LABELS: dict[str, str] = {
+    "avg_bits": "average bits per K/V element",
+    "avg_bits_k": "average bits per K element",
+    "avg_bits_v": "average bits per V element",
+    "avg_bits_end": "average bits per K/V element (cache at the end)",
+    "avg_bits_step_mean": "average bits per K/V element (mean over decode steps)",
+    "bits": "bits per K/V element",
+    "k_bits": "bits per K element",
+    "v_bits": "bits per V element",
+    "budget_bits": "allocated bits per K/V element",
+    "ppl": "perplexity",
+    "ppl_pct": "perplexity increase over fp16 (%)",
+    "ppl_pd": "perplexity, prefill-decode",
+    "ppl_decode": "perplexity, deployed decode",
+    "delta_ppl_pct": "perplexity change (%)",
+    "rel_delta_ppl": "relative perplexity change",
+    "kl": "KL to fp16 (nats/token)",
+    "nll": "negative log-likelihood (nats/token)",
+    "nll_delta": "NLL minus NLL of fp16 (nats/token)",
+    "top1": "top-1 agreement with fp16 (fraction of tokens)",
+    "k_rel_err": "relative K error ||K^ - K|| / ||K||",
+    "v_rel_err": "relative V error ||V^ - V|| / ||V||",
+    "attn_rel_err": "relative attention-output error",
+    "rel_err": "relative error ||x^ - x|| / ||x||",
+    "acc": "accuracy (fraction correct)",
+    "agree_fp": "same answer as fp16 (fraction of examples)",
+    "rougeL": "ROUGE-L F1 against the reference summary",
+    "rougeL_fp": "ROUGE-L F1 against the fp16 model's summary",
+    "exact": "exact-match accuracy (fraction)",
+    "digits": "key digits correct (fraction)",
+    "position": "position in the window (tokens)",
+    "tokens": "tokens in the cache",
+    "context": "context length (tokens)",
+    "depth": "needle depth (fraction of the context)",
+    "outliers": "outliers kept in fp16 (% of values)",
+    "layer": "layer index",
+    "label": "method",
+    "method": "method",
+    "family": "method family",
+    "tensor": "K/V tensor",
+    "statistic": "summary statistic",
+    "variant": "variant",
+    "protocol": "protocol",
+    "width": "bit width",
+    "b": "bit width",
+}
+_SUFFIXES = {"_smooth": "smoothed", "_pct": "%"}
+
+
+def axis_label(column: str) -> str:
+    """Words with units for a result column (`LABELS`); `<col>_smooth` adds "(smoothed)"; unknown: the name."""
+    column = str(column)
+    if column in LABELS:
+        return LABELS[column]
+    if column.endswith("_smooth") and column[:-7] in LABELS:
+        base = LABELS[column[:-7]]
+        return base[:-1] + ", smoothed)" if base.endswith(")") else base + " (smoothed)"
+    return column
+
+
+_NAMES = {"fp16": "fp16", "int": "int", "kivi": "KIVI", "kvquant": "KVQuant", "qaq": "QAQ", "pmkvq": "PM-KVQ",
+          "qhitter": "Q-Hitter", "h2o": "H2O", "quarot": "QuaRot", "hf": "HF QuantizedCache", "select": "select"}
+
+
+def _bits_head(m, name: str, sep: str = "") -> str:
+    vb = getattr(m, "v_bits", None)
+    return f"{name}{sep}{m.bits}" if vb in (None, m.bits) else f"{name}{sep}K{m.bits}/V{vb}"
+
+
+# head of a method's label, and the fields that head already shows
+_HEADS = {
+    "int": (lambda m: _bits_head(m, "int"), ("bits", "v_bits")),
+    "kivi": (lambda m: _bits_head(m, "KIVI ", "") + "-bit" if getattr(m, "v_bits", None) in (None, m.bits)
+             else _bits_head(m, "KIVI "), ("bits", "v_bits")),
+    "quarot": (lambda m: _bits_head(m, "QuaRot int"), ("bits", "v_bits")),
+    "kvquant": (lambda m: f"KVQuant {'nf' if m.nf else 'nuq' if m.nuq else 'int'}{m.bits}", ("bits", "nuq", "nf")),
+    "pmkvq": (lambda m: f"PM-KVQ {m.budget:g} bits", ("budget",)),
+    "hf": (lambda m: f"HF {m.backend}" + (f" int{m.nbits}" if m.nbits else ""), ("backend", "nbits")),
+    "qhitter": (lambda m: f"Q-Hitter int{m.bits}", ("bits",)),
+}
+_FIELD_WORDS = {
+    "outliers": lambda v: f"{100 * v:g}% outliers" if v else "no outliers",
+    "group": lambda v: f"group {v}" if v is not None else "no groups",
+    "residual": lambda v: f"fp16 window {v}",
+    "sink": lambda v: f"{v} sink token" + ("s" if v != 1 else ""),
+    "k_axis": lambda v: f"K per-{v}",
+    "v_axis": lambda v: f"V per-{v}",
+    "qnorm": lambda v: "Q-Norm" if v else "no Q-Norm",
+    "symmetric": lambda v: "symmetric" if v else "asymmetric",
+    "attention_aware": lambda v: "attention-aware" if v else "not attention-aware",
+    "flush": lambda v: f"{v} flush",
+    "axis_key": lambda v: "K per-channel" if v == -1 else f"K axis {v}",
+    "axis_value": lambda v: "V per-channel" if v == -1 else f"V axis {v}",
+    "budget": lambda v: f"{v:g} bits",
+}
+
+
+def _field_default(f):
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:   # type: ignore[misc]
+        return f.default_factory()                       # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _describe(m) -> str:
+    from .quant.base import config_fields, _fmt
+
+    if m.name == "select":
+        inner = method_label(m.inner)
+        where = "all layers" if str(m.layers) == "all" else f"layer{'s' if ',' in str(m.layers) else ''} {m.layers}"
+        what = {"k": ", K only", "v": ", V only"}.get(str(m.kind), "")
+        return f"{inner} on {where}{what}"
+    head, shown = _HEADS.get(m.name, (lambda m: _NAMES.get(m.name, m.name), ()))
+    parts = []
+    for f in config_fields(m):
+        if f.name in shown:
+            continue
+        v, d = getattr(m, f.name), _field_default(f)
+        if v == d:
+            continue
+        words = _FIELD_WORDS.get(f.name)
+        parts.append(words(v) if words is not None else f"{f.name}={'none' if v is None else _fmt(v)}")
+    text = head(m)
+    return f"{text} {', '.join(parts)}" if parts else text
+
+
+def method_label(spec) -> str:
+    """A readable name for a method spec: a preset stays its name ("kivi-2"), a spec string shows the
+    method and only the fields that differ from the method's defaults ("kvquant:bits=2,fisher=activation,
+    outliers=0.01" -> "KVQuant nuq2 1% outliers"); anything that does not parse is returned unchanged."""
+    from .quant.base import Method
+    from .quant.registry import PRESETS, parse
+
+    if isinstance(spec, Method):
+        return _describe(spec)
+    if not isinstance(spec, str):
+        return str(spec)
+    s = spec.strip()
+    try:
+        m = parse(s)                 # also registers the methods and presets
+    except Exception:  # noqa: BLE001 - a free-form label ("QAQ attention-aware"): shown as it is
+        return spec
+    if s in PRESETS:
+        return s
+    try:
+        return _describe(m)
+    except Exception:  # noqa: BLE001 - a method with unusual fields: its spec string
+        return spec
+
+
+def _method_names(values) -> list[str]:
+    return [method_label(v) for v in values]
+
+
+# ----------------------------------------------------------------------------- log axes, clipped axes, labels
+ZERO_LABEL = "0 (fp16)"
+
+
+def log_floor(values) -> float:
+    """Where to draw values <= 0 on a log axis: one decade below the power of ten under the smallest
+    positive value (1e-6 when there is none)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    pos = v[np.isfinite(v) & (v > 0)]
+    if not pos.size:
+        return 1e-6
+    return float(10.0 ** (np.floor(np.log10(pos.min())) - 1))
+
+
+def _floored(values, floor: float | None):
+    """`values` (array) with entries <= 0 replaced by `floor` (None: unchanged)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float).copy()
+    if floor is not None:
+        v[np.isfinite(v) & (v <= 0)] = floor
+    return v
+
+
+def _needs_floor(values) -> bool:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return bool((np.isfinite(v) & (v <= 0)).any())
+
+
+def _mark_floor(ax, floor: float, axis: str = "y", text: str = ZERO_LABEL) -> None:
+    """A dashed line at `floor` with a legend entry saying that zeros are drawn there."""
+    kw = dict(ls="--", color="0.45", lw=0.9, zorder=1, label=f"{text}, drawn at {floor:.0e} (log axis)")
+    (ax.axhline if axis == "y" else ax.axvline)(floor, **kw)
+
+
+def clip_top(values, log: bool, ref: float | None = None) -> float | None:
+    """Upper axis limit that keeps a few huge values from squashing the rest, or None (nothing to clip).
+
+    The rule: in log10
+    units when `log`, Tukey's far-out fence q3 + 3 IQR of the values, at least one decade (log) or 50% of
+    the value range (linear) above q3 and never below `ref`; values above it are drawn at the limit as
+    triangles with their value printed."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & ((v > 0) if log else True)]
+    if v.size < 4:
+        return None
+    t = np.log10(v) if log else v
+    q1, q3 = np.percentile(t, [25, 75])
+    span = float(t.max() - t.min())
+    fence = q3 + max(3 * (q3 - q1), 1.0 if log else 0.5 * span)
+    if ref is not None and np.isfinite(ref) and (ref > 0 or not log):
+        fence = max(fence, np.log10(ref) if log else ref)
+    if t.max() <= fence:
+        return None
+    return float(10 ** fence) if log else float(fence)
+
+
+def _draw_clipped(ax, xs, ys, top: float | None, color, note: list) -> "object":
+    """`ys` with values above `top` set to `top`; a triangle and the true value at each clipped point."""
+    import numpy as np
+
+    ys = np.asarray(ys, dtype=float)
+    if top is None:
+        return ys
+    over = np.isfinite(ys) & (ys > top)
+    for x, y in zip(np.asarray(xs, dtype=float)[over], ys[over]):
+        ax.scatter([x], [top], marker="^", s=60, color=color, zorder=5, clip_on=False)
+        ax.annotate(f"{y:.3g}", (x, top), textcoords="offset points", xytext=(7, -2), ha="left", va="top",
+                    fontsize=7, color=color)
+        note.append(y)
+    return np.where(over, top, ys)
+
+
+def _clip_note(ax, note: list) -> None:
+    if note:
+        ax.scatter([], [], marker="^", s=40, color="0.3", label="above the axis: drawn at the top, value printed")
+
+
+_CANDIDATES = [(5, 3), (5, -3), (-5, 3), (-5, -3), (0, 9), (0, -9), (10, 10), (10, -10), (-10, 10), (-10, -10),
+               (16, 0), (-16, 0), (0, 16), (0, -16), (20, 16), (20, -16), (-20, 16), (-20, -16), (0, 26), (0, -26),
+               (30, 0), (-30, 0), (28, 26), (28, -26), (-28, 26), (-28, -26), (0, 36), (0, -36)]
+
+
+def place_labels(ax, xs, ys, texts, fontsize: float = 7.5, bold=None, colors=None) -> list:
+    """Label points without overlaps: each label takes the first of a fixed list of offsets (near to far)
+    whose box overlaps no label placed before, no point and stays inside the axes; when none is free, the
+    one with the least overlap. Deterministic (points taken left to right). Labels away from their point
+    get a thin leader line. Call after the axes' scales and limits are set. Returns the annotations."""
+    import numpy as np
+
+    fig = ax.figure
+    try:
+        fig.draw_without_rendering()           # settle the (constrained) layout before measuring
+    except Exception:  # noqa: BLE001 - measuring in the current layout is good enough
+        pass
+    renderer = fig.canvas.get_renderer()
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    pts = ax.transData.transform(np.column_stack([xs, ys])[ok]) if ok.any() else np.zeros((0, 2))
+    r = 4.0 * fig.dpi / 72
+    point_boxes = [(px - r, py - r, px + r, py + r) for px, py in pts]
+    frame = ax.get_window_extent(renderer)
+    placed, out = [], []
+
+    def overlap(a, b):
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    order = sorted(np.flatnonzero(ok), key=lambda i: (xs[i], ys[i]))
+    for i in order:
+        best = None
+        for dx, dy in _CANDIDATES:
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            va = "bottom" if dy >= 0 else "top"
+            ann = ax.annotate(str(texts[i]), (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy),
+                              ha=ha, va=va, fontsize=fontsize, annotation_clip=False,
+                              fontweight="bold" if bold is not None and bold[i] else "normal",
+                              color=colors[i] if colors is not None else None)
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            cost = sum(overlap(box, p) for p in placed) + sum(overlap(box, p) for p in point_boxes)
+            inside = overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+            cost += 2 * ((box[2] - box[0]) * (box[3] - box[1]) - inside)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box, (dx, dy))
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        cost, ann, box, (dx, dy) = best
+        if abs(dx) + abs(dy) > 18:
+            ann.arrow_patch = None
+            ann.remove()
+            ann = ax.annotate(ann.get_text(), (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy),
+                              ha=ann.get_ha(), va=ann.get_va(), fontsize=fontsize, annotation_clip=False,
+                              fontweight=ann.get_fontweight(), color=ann.get_color(),
+                              arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=0, shrinkB=3))
+        ann.set_in_layout(False)
+        placed.append(box)
+        out.append(ann)
+    return out
+
+
+def quality_vs_bits(df, y: str = "ppl", hue: str = "label", ax=None, logy: bool = True, title: str | None = None,
+                    x: str = "avg_bits"):
+    """Scatter of average bits per element vs a quality metric, one point per method, labelled with its
+    readable name (`method_label`) without overlaps. On a log axis a value of 0 (fp16's KL) is drawn at a
+    dashed floor named in the legend, never dropped."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    import numpy as np
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.5))
-    sns.scatterplot(data=df, x="avg_bits", y=y, hue=hue, s=70, ax=ax, legend=False)
-    for _, r in df.iterrows():
-        ax.annotate(str(r[hue]), (r["avg_bits"], r[y]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    d = df[df[x].notna() & df[y].notna()]
+    xs, ys = d[x].to_numpy(dtype=float), d[y].to_numpy(dtype=float)
+    floor = log_floor(ys) if logy and _needs_floor(ys) else None
+    ys = _floored(ys, floor)
+    names = _method_names(d[hue])
+    for i, (xv, yv) in enumerate(zip(xs, ys)):
+        ax.scatter([xv], [yv], s=70, color=f"C{i % 10}", zorder=3)
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel("average bits per K/V element (metadata included)")
-    ax.set_ylabel(y)
+    if floor is not None:
+        _mark_floor(ax, floor)
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(axis_label(x) + " (scales, zeros and fp16 tokens included)" if x == "avg_bits" else axis_label(x))
+    ax.set_ylabel(axis_label(y))
+    if np.isfinite(xs).any():
+        lo, hi = float(np.nanmin(xs)), float(np.nanmax(xs))
+        pad = max(0.6, 0.08 * (hi - lo))
+        ax.set_xlim(lo - pad, hi + 2.5 * pad)
     if title:
         ax.set_title(title)
+    place_labels(ax, xs, ys, names, fontsize=8)
     return ax
 
 
@@ -142,8 +469,9 @@ def sensitivity_heatmaps(df, metric: str = "kl", kinds=("k", "v"), log: bool = T
         m.shape[0] for m in mats.values()) + 0.5 * len(mats)), squeeze=False)
     names = {"k": "keys (K)", "v": "values (V)", "kv": "K and V"}
     for ax, (kind, m) in zip(axes[:, 0], mats.items()):
-        heatmap(m, ax=ax, norm=norm, cmap="magma_r", ylabel="bits", title=f"{names.get(kind, kind)} quantized",
-                annotate=annotate, cbar_label=cbar_label or metric)
+        heatmap(m, ax=ax, norm=norm, cmap="magma_r", ylabel="bit width (bits per element)",
+                title=f"{names.get(kind, kind)} quantized", annotate=annotate,
+                cbar_label=cbar_label or axis_label(metric))
         ax.set_xlabel("layer (only this layer's tensor quantized)")
     if title:
         fig.suptitle(title)
@@ -152,18 +480,28 @@ def sensitivity_heatmaps(df, metric: str = "kl", kinds=("k", "v"), log: bool = T
 
 def layer_lines(df, y: str, hue: str = "tensor", style: str | None = None, x: str = "layer", ax=None,
                 logy: bool = False, title: str | None = None, ylabel: str | None = None, markers: bool = True):
-    """Line plot of a per-layer statistic (one line per `hue` / `style` value). Returns the axes."""
+    """Line plot of a per-layer statistic (one line per `hue` / `style` value). Returns the axes.
+    Axis and legend words come from `axis_label`; on a log axis zeros are drawn at a marked floor."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=df, x=x, y=y, hue=hue, style=style, markers=markers, dashes=style is not None, ax=ax,
-                 markersize=5)
+    d = df.copy()
+    floor = log_floor(d[y]) if logy and _needs_floor(d[y]) else None
+    if floor is not None:
+        d[y] = _floored(d[y], floor)
+    names = {c: axis_label(c) for c in (hue, style) if c}
+    d = d.rename(columns=names)
+    sns.lineplot(data=d, x=x, y=y, hue=names.get(hue, hue), style=names.get(style, style) if style else None,
+                 markers=markers, dashes=style is not None, ax=ax, markersize=5)
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel or y)
+    if floor is not None:
+        _mark_floor(ax, floor)
+        ax.legend(fontsize=8)
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(ylabel or axis_label(y))
     if title:
         ax.set_title(title)
     return ax
@@ -188,7 +526,7 @@ def channel_maps(maps: dict, head_dim: int | None = None, log: bool = True, titl
                      yticks=list(range(0, n_layers, step)))
         ax.set_xlabel("channel (KV head x head_dim)")
         if i == 0:
-            ax.set_ylabel("layer")
+            ax.set_ylabel("layer index")
         if head_dim:
             for h in range(head_dim, n_ch, head_dim):
                 ax.axvline(h - 0.5, color="white", lw=0.8, alpha=0.8)
@@ -202,47 +540,66 @@ def channel_maps(maps: dict, head_dim: int | None = None, log: bool = True, titl
 
 
 def outlier_curves(df, y: str = "ppl", families=None, ref: float | None = None, logy: bool = True,
-                   x: str = "outliers", title: str | None = None):
+                   x: str = "outliers", title: str | None = None, clip: bool = True):
     """Quality vs outlier ratio (or vs `x`), one panel per datatype family, one line per bit width.
 
-    `df` comes from `kvlab.sensitivity.outlier_grid`; `ref` draws the fp value as a dashed line.
-    Returns the figure.
+    `df` comes from `kvlab.sensitivity.outlier_grid`; `ref` draws the fp value as a dashed line; the
+    per-token int baselines are dotted lines. y-range: with `clip`, a few values far above the rest (e.g.
+    2-bit with no outliers on a small model) do not squash the curves: the axis stops at `clip_top` (Tukey's
+    far-out fence, in decades on a log axis) and those points are drawn at the top as triangles with their
+    value printed; baselines above it are listed as "off scale". On a log axis zeros are drawn at a marked
+    floor. Returns the figure.
     """
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    import numpy as np
 
     families = families or [f for f in ("int", "nuq") if f in set(df["family"])]
     fig, axes = plt.subplots(1, len(families), figsize=(5.2 * len(families), 4.0), squeeze=False, sharey=True)
     names = {"int": "KVQuant, uniform datatype (nuq=false)", "nuq": "KVQuant, non-uniform datatype (nuq=true)"}
     base = df[df["family"] == "baseline"]
-    main = df[df["family"].isin(families)][y]
-    top = float(main.max()) * (3.0 if logy else 1.3)      # baselines far above the curves are noted, not drawn
+    main = df[df["family"].isin(families)][y].to_numpy(dtype=float)
+    floor = log_floor(np.concatenate([main, base[y].to_numpy(dtype=float)])) \
+        if logy and _needs_floor(np.concatenate([main, base[y].to_numpy(dtype=float)])) else None
+    top = clip_top(_floored(main, floor), log=logy, ref=ref) if clip else None
+    limit = top if top is not None else float(np.nanmax(main)) * (3.0 if logy else 1.3)
+    all_bits = sorted(set(df[df["family"].isin(families)]["bits"]))
+    note: list = []
     for ax, fam in zip(axes[0], families):
-        sub = df[df["family"] == fam].copy()
-        sub["bits "] = sub["bits"].astype(str) + " bits"
-        sub["pct"] = 100 * sub["outliers"]
-        sns.lineplot(data=sub, x="pct" if x == "outliers" else x, y=y, hue="bits ", marker="o", ax=ax)
-        ax.legend(fontsize=8, title=None)
+        note = []
+        sub = df[df["family"] == fam]
+        for b, g in sub.groupby("bits", sort=True):
+            g = g.sort_values(x)
+            xs = (100 * g[x] if x == "outliers" else g[x]).to_numpy(dtype=float)
+            color = f"C{all_bits.index(b) % 10}"
+            ys = _draw_clipped(ax, xs, _floored(g[y], floor), top, color, note)
+            ax.plot(xs, ys, marker="o", color=color, label=f"{int(b)} bits", lw=1.6)
         off = []
         for _, r in base.iterrows():
             if x != "outliers":
                 continue
             name = f"int{int(r['bits'])} per token"
-            if r[y] > top:
+            yv = _floored([r[y]], floor)[0]
+            if yv > limit:
                 off.append(f"{name}: {r[y]:.3g}")
                 continue
-            ax.axhline(r[y], ls=":", lw=1, color="grey")
-            ax.annotate(name, (ax.get_xlim()[1], r[y]), fontsize=7, color="grey", ha="right", va="bottom")
+            ax.axhline(yv, ls=":", lw=1, color="grey")
+            ax.annotate(name, (1.0, yv), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                        ha="right", va="bottom")
         if off:
             ax.text(0.99, 0.98, "off scale: " + ", ".join(off), transform=ax.transAxes, fontsize=7, color="grey",
                     ha="right", va="top")
         if ref is not None:
-            ax.axhline(ref, ls="--", color="black", lw=1)
-            ax.annotate("fp16", (ax.get_xlim()[0], ref), fontsize=8, va="bottom")
+            ax.axhline(ref, ls="--", color="black", lw=1, label="fp16")
+        if floor is not None:
+            _mark_floor(ax, floor)
         if logy:
             ax.set_yscale("log")
-        ax.set_xlabel("outliers kept in fp16 (% of values)" if x == "outliers" else x)
-        ax.set_ylabel(y)
+        if top is not None:
+            ax.set_ylim(top=top)
+        _clip_note(ax, note)
+        ax.legend(fontsize=8, title=None)
+        ax.set_xlabel(axis_label("outliers") if x == "outliers" else axis_label(x))
+        ax.set_ylabel(axis_label(y))
         ax.set_title(names.get(fam, fam), fontsize=10)
     if title:
         fig.suptitle(title)
@@ -250,33 +607,47 @@ def outlier_curves(df, y: str = "ppl", families=None, ref: float | None = None, 
 
 
 def bits_tradeoff(df, y: str = "kl", x: str = "avg_bits", line_by=("family", "bits"), label: str | None = "outliers",
-                  ref: float | None = None, ax=None, logy: bool = True, title: str | None = None):
+                  ref: float | None = None, ax=None, logy: bool = True, title: str | None = None, clip: bool = True):
     """Quality vs average bits with one line per `line_by` group (e.g. one KVQuant datatype and bit
-    width across outlier ratios), points labelled by `label` (ratios as %). Returns the axes."""
+    width across outlier ratios), points labelled by `label` (ratios as %) without overlaps. Values far
+    above the rest are clipped as in `outlier_curves`; zeros on a log axis drawn at a marked floor.
+    Returns the axes."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"int": ("o", "-"), "nuq": ("s", "-"), "baseline": ("x", ":")}
-    colors = {}
+    fam_words = {"int": "KVQuant int", "nuq": "KVQuant nuq", "baseline": "int per token"}
+    floor = log_floor(df[y]) if logy and _needs_floor(df[y]) else None
+    top = clip_top(_floored(df[y], floor), log=logy, ref=ref) if clip else None
+    colors, note, pts = {}, [], []
     for key, sub in df.sort_values(x).groupby(list(line_by), sort=True):
         fam, bits = key if isinstance(key, tuple) else (key, None)
         c = colors.setdefault(bits, f"C{len(colors)}")
         mk, ls = styles.get(fam, ("o", "-"))
-        ax.plot(sub[x], sub[y], marker=mk, ls=ls, color=c, label=f"{fam} {bits}b" if bits is not None else str(fam))
+        xs = sub[x].to_numpy(dtype=float)
+        ys = _draw_clipped(ax, xs, _floored(sub[y], floor), top, c, note)
+        name = fam_words.get(fam, str(fam))
+        ax.plot(xs, ys, marker=mk, ls=ls, color=c, label=f"{name}, {int(bits)} bits" if bits is not None else name)
         if label and fam != "baseline":
-            for _, r in sub.iterrows():
-                ax.annotate(f"{100 * r[label]:g}%", (r[x], r[y]), textcoords="offset points", xytext=(3, 3),
-                            fontsize=6.5, color=c)
+            pts += [(xv, yv, f"{100 * r:g}%", c) for xv, yv, r in zip(xs, ys, sub[label])]
     if ref is not None:
         ax.axhline(ref, ls="--", color="black", lw=1, label="fp16")
+    if floor is not None:
+        _mark_floor(ax, floor)
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel("average bits per K/V element (outliers, scales and sink tokens included)")
-    ax.set_ylabel(y)
+    if top is not None:
+        ax.set_ylim(top=top)
+    _clip_note(ax, note)
+    ax.set_xlabel(axis_label(x) + " (outliers, scales and sink tokens included)" if x == "avg_bits" else axis_label(x))
+    ax.set_ylabel(axis_label(y))
     ax.legend(fontsize=7, ncol=2)
     if title:
         ax.set_title(title)
+    if pts:
+        place_labels(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], fontsize=6.5,
+                     colors=[p[3] for p in pts])
     return ax
 
 
@@ -338,46 +709,56 @@ def pareto_mask(df, x: str = "avg_bits", y: str = "ppl"):
 def pareto_plot(df, x: str = "avg_bits", y: str = "ppl", label: str = "label", group: str | None = "family",
                 ax=None, ref: float | None = None, logy: bool | str = True, title: str | None = None,
                 xlabel: str | None = None, ylabel: str | None = None, budget: float | None = None,
-                legend: str | None = "inside", linthresh: float = 0.1):
+                legend: str | None = "inside", linthresh: float = 0.1, max_labels: int = 24):
     """Quality vs bits, one point per method (marker/colour by `group`), the Pareto-optimal points ringed
-    and joined by a step line, every point labelled. `ref` draws the fp value; `budget` a vertical line.
-    `logy`: True (log), "symlog" (symmetric log, linear within +-`linthresh`: for changes that may be
-    negative) or False. `legend`: "inside", "outside" (right of the axes) or None."""
+    and joined by a step line, every point labelled with its readable name (`method_label`), labels nudged
+    apart so none overlaps (`place_labels`); with more than `max_labels` points the points are numbered
+    and the names go to a key beside the axes. `ref` draws the fp value; `budget` a vertical line.
+    `logy`: True (log; a value of 0, e.g. fp16's KL, is drawn at a dashed floor named in the legend),
+    "symlog" (symmetric log, linear within +-`linthresh`: for changes that may be negative) or False.
+    `legend`: "inside", "outside" (right of the axes) or None."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 5))
     d = df[df[y].notna() & df[x].notna()].copy()
     d["_pareto"] = pareto_mask(d, x, y)
+    floor = log_floor(d[y]) if logy is True and _needs_floor(d[y]) else None
+    d["_y"] = _floored(d[y], floor)
     groups = list(dict.fromkeys(d[group])) if group else [None]
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     for i, g in enumerate(groups):
         sub = d if g is None else d[d[group] == g]
-        ax.scatter(sub[x], sub[y], s=46, marker=markers[i % len(markers)], color=f"C{i}", label=g, zorder=3)
+        ax.scatter(sub[x], sub["_y"], s=46, marker=markers[i % len(markers)], color=f"C{i % 10}",
+                   label=_NAMES.get(str(g), str(g)) if g is not None else None, zorder=3)
     front = d[d["_pareto"]].sort_values(x)
-    ax.scatter(front[x], front[y], s=190, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4,
+    ax.scatter(front[x], front["_y"], s=190, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4,
                label="Pareto-optimal")
-    ax.step(front[x], front[y], where="post", color="black", lw=1, alpha=0.6, zorder=2)
-    for _, r in d.iterrows():
-        ax.annotate(str(r[label]), (r[x], r[y]), textcoords="offset points", xytext=(5, 3), fontsize=7,
-                    fontweight="bold" if r["_pareto"] else "normal")
+    ax.step(front[x], front["_y"], where="post", color="black", lw=1, alpha=0.6, zorder=2)
     if ref is not None:
-        ax.axhline(ref, ls="--", color="black", lw=1)
-        ax.annotate("fp16", (ax.get_xlim()[0], ref), fontsize=8, va="bottom")
+        ax.axhline(ref, ls="--", color="black", lw=1, label="fp16")
+    if floor is not None:
+        _mark_floor(ax, floor)
     if budget is not None:
-        ax.axvline(budget, ls=":", color="grey", lw=1)
+        ax.axvline(budget, ls=":", color="grey", lw=1, label=f"budget {budget:g} bits")
     if logy == "symlog":
         ax.set_yscale("symlog", linthresh=linthresh)
     elif logy:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
+    ax.set_xlabel(xlabel or axis_label(x))
+    ax.set_ylabel(ylabel or axis_label(y))
+    if title:
+        ax.set_title(title)
+    names = _method_names(d[label])
+    if len(d) > max_labels:
+        names = [str(i + 1) for i in range(len(d))]
+        key = "\n".join(f"{i + 1}: {n}" for i, n in enumerate(_method_names(d[label])))
+        ax.text(1.02, 0.0, key, transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left")
     if legend == "outside":
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     elif legend:
         ax.legend(fontsize=7, loc="upper right")
-    if title:
-        ax.set_title(title)
+    place_labels(ax, d[x], d["_y"], names, fontsize=7, bold=d["_pareto"].to_numpy())
     return ax
 
 
@@ -398,8 +779,8 @@ def retrieval_heatmaps(df, value: str = "exact", by: str = "label", index: str =
     for ax, name in zip(axes.ravel(), names):
         m = df[df[by] == name].pivot_table(index=index, columns=columns, values=value, aggfunc="mean")
         im = heatmap(m, ax=ax, norm=norm, cmap="RdYlGn", annotate=True, fmt="{:.2f}", cbar=False,
-                     xlabel="context length (tokens)", ylabel="needle depth")
-        ax.set_title(str(name), fontsize=9)
+                     xlabel=axis_label("context"), ylabel=axis_label("depth"))
+        ax.set_title(method_label(name), fontsize=9)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     if im is not None:
@@ -413,25 +794,30 @@ def retrieval_heatmaps(df, value: str = "exact", by: str = "label", index: str =
 def matched_bits(df, y: str = "kl", x: str = "bits", line: str = "variant", protocol: str = "protocol",
                  logy: bool = True, title: str | None = None, ref=None):
     """Quality vs bits per protocol panel: one line per `line` value (e.g. QAQ attention-aware on/off),
-    sorted by bits, uniform points as crosses (rows whose `line` value starts with "uniform")."""
+    sorted by bits, uniform points as crosses (rows whose `line` value starts with "uniform"). On a log
+    axis zeros are drawn at a marked floor."""
     import matplotlib.pyplot as plt
 
     prots = list(dict.fromkeys(df[protocol]))
+    floor = log_floor(df[y]) if logy and _needs_floor(df[y]) else None
     fig, axes = plt.subplots(1, len(prots), figsize=(5.6 * len(prots), 4.2), squeeze=False)
     for ax, p in zip(axes[0], prots):
         sub = df[df[protocol] == p]
         for i, (name, g) in enumerate(sub.groupby(line, sort=True)):
             g = g.sort_values(x)
             uni = str(name).startswith("uniform")
-            ax.plot(g[x], g[y], marker="x" if uni else "o", ls=":" if uni else "-", color=f"C{i}", label=name,
-                    markersize=8 if uni else 6)
+            ax.plot(g[x], _floored(g[y], floor), marker="x" if uni else "o", ls=":" if uni else "-", color=f"C{i}",
+                    label=method_label(name), markersize=8 if uni else 6)
         if ref is not None and p in ref:
             ax.axhline(ref[p], ls="--", color="black", lw=1, label="fp16")
+        if floor is not None:
+            _mark_floor(ax, floor)
         if logy:
             ax.set_yscale("log")
-        ax.set_xlabel("average bits per K/V element (stored context, metadata included)")
-        ax.set_ylabel({"kl": "KL to fp16 (per token)", "ppl": "perplexity"}.get(y, y))
-        ax.set_title(p, fontsize=10)
+        ax.set_xlabel(axis_label("avg_bits") + " (stored context, metadata included)" if x in ("bits", "avg_bits")
+                      else axis_label(x))
+        ax.set_ylabel(axis_label(y))
+        ax.set_title(f"{p} protocol", fontsize=10)
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
@@ -450,23 +836,24 @@ def retrieval_lines(df, by: str = "label", x: str = "context", values=("exact", 
     others = [n for n in names if n != reference]
     agg = df.groupby([by, x])[list(values)].mean().reset_index()
     xs = sorted(set(agg[x]))
-    titles = {"exact": "exact-match accuracy", "digits": "key digits correct"}
     fig, axes = plt.subplots(1, len(values), figsize=(6.2 * len(values), 4.2), squeeze=False)
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     for ax, col in zip(axes[0], values):
         for i, name in enumerate(others):
             g = agg[agg[by] == name].sort_values(x)
             shift = 2.0 ** (0.05 * (i - (len(others) - 1) / 2))
-            ax.plot(g[x] * shift, g[col], marker=markers[i % len(markers)], color=f"C{i}", label=name, lw=1.4)
+            ax.plot(g[x] * shift, g[col], marker=markers[i % len(markers)], color=f"C{i}", label=method_label(name),
+                    lw=1.4)
         if reference in names:
             g = agg[agg[by] == reference].sort_values(x)
-            ax.plot(g[x], g[col], color="black", ls="--", lw=2.4, marker="_", markersize=16, label=reference, zorder=5)
+            ax.plot(g[x], g[col], color="black", ls="--", lw=2.4, marker="_", markersize=16, label=method_label(reference),
+                    zorder=5)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(v) for v in xs])
         ax.minorticks_off()
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(titles.get(col, col))
+        ax.set_xlabel(axis_label("context"))
+        ax.set_ylabel(axis_label(col))
     axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if title:
         fig.suptitle(title)
@@ -493,13 +880,13 @@ def progressive_bits(schedule, measured=None, title: str | None = None):
     nice = next(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 14, 1 << 15, 1 << 20)
                 if span / s <= 8)
     ticks = [i for i, t in enumerate(toks) if t % nice == 0] or list(range(0, len(toks), max(1, len(toks) // 8)))
-    im = heatmap(mat, ax=axes[0], norm=norm, cmap=cmap, cbar=False, ylabel="layer", xticks=ticks,
+    im = heatmap(mat, ax=axes[0], norm=norm, cmap=cmap, cbar=False, ylabel="layer index", xticks=ticks,
                  yticks=list(range(0, mat.shape[0], max(1, mat.shape[0] // 10))))
     axes[0].set_xlabel("tokens in the cache")
     axes[0].set_title("stored code width per layer (blank: every token still in the fp16 window)", fontsize=10)
     cb = fig.colorbar(im, ax=axes[0], ticks=[w for w in widths], fraction=0.04, pad=0.01)
     cb.ax.set_yticklabels([f"{int(w)}" for w in widths])
-    cb.set_label("bits")
+    cb.set_label("code width (bits)")
     avg = schedule.groupby("tokens")["avg_bits"].mean()
     code = schedule.groupby("tokens")["bits"].mean()
     axes[1].plot(avg.index, avg.values, color="C0", label="whole cache: codes + scales + fp16 sink/window")
@@ -525,7 +912,7 @@ def interval_vs_x(df, y: str, lo: str, hi: str, x: str = "avg_bits", label: str 
                   ax=None, logx: bool = False, xlabel: str | None = None, ylabel: str | None = None,
                   title: str | None = None):
     """One point per method at (x, y) with a vertical interval [lo, hi] (e.g. accuracy and its Wilson 95% CI),
-    labelled; the `ref` method's interval is drawn as a shaded band across the axes."""
+    labelled with readable names without overlaps; the `ref` method's interval is drawn as a shaded band."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -533,63 +920,83 @@ def interval_vs_x(df, y: str, lo: str, hi: str, x: str = "avg_bits", label: str 
     d = df.sort_values(x)
     r = d[d[label] == ref] if ref is not None else d.iloc[:0]
     if len(r):
-        ax.axhspan(float(r[lo].iloc[0]), float(r[hi].iloc[0]), color="0.85", zorder=0, label=f"{ref} 95% interval")
+        ax.axhspan(float(r[lo].iloc[0]), float(r[hi].iloc[0]), color="0.85", zorder=0,
+                   label=f"{method_label(ref)} 95% interval")
         ax.axhline(float(r[y].iloc[0]), color="0.4", lw=1, ls="--", zorder=1)
-    ax.errorbar(d[x], d[y], yerr=[d[y] - d[lo], d[hi] - d[y]], fmt="o", ms=6, capsize=3, zorder=3)
-    for _, row in d.iterrows():
-        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    xs = d[x].to_numpy(dtype=float)
+    floor = log_floor(xs) if logx and _needs_floor(xs) else None
+    xs = _floored(xs, floor)
+    ax.errorbar(xs, d[y], yerr=[d[y] - d[lo], d[hi] - d[y]], fmt="o", ms=6, capsize=3, zorder=3)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
+    if floor is not None:
+        _mark_floor(ax, floor, axis="x")
+    ax.set_xlabel(xlabel or axis_label(x))
+    ax.set_ylabel(ylabel or axis_label(y))
     if title:
         ax.set_title(title)
-    if len(r):
+    if len(r) or floor is not None:
         ax.legend(loc="lower right", fontsize=8)
+    place_labels(ax, xs, d[y], _method_names(d[label]), fontsize=8)
     return ax
 
 
 def labelled_scatter(df, x: str, y: str, label: str = "label", ax=None, logx: bool = False,
                      xlabel: str | None = None, ylabel: str | None = None, title: str | None = None):
-    """One labelled point per row at (x, y); x values <= 0 on a log axis are drawn at the smallest positive x / 3."""
+    """One point per row at (x, y), labelled with readable names without overlaps; x values <= 0 on a log
+    axis (fp16's KL) are drawn at a dashed floor named in the legend."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4.5))
-    xs = df[x].astype(float).copy()
-    if logx:
-        pos = xs[xs > 0]
-        xs[xs <= 0] = (pos.min() / 3) if len(pos) else 1e-6
-        ax.set_xscale("log")
+    xs = df[x].to_numpy(dtype=float)
+    floor = log_floor(xs) if logx and _needs_floor(xs) else None
+    xs = _floored(xs, floor)
     ax.scatter(xs, df[y], s=40, zorder=3)
-    for xv, (_, row) in zip(xs, df.iterrows()):
-        ax.annotate(str(row[label]), (xv, row[y]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
+    if logx:
+        ax.set_xscale("log")
+    if floor is not None:
+        _mark_floor(ax, floor, axis="x")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel(xlabel or axis_label(x))
+    ax.set_ylabel(ylabel or axis_label(y))
     if title:
         ax.set_title(title)
+    place_labels(ax, xs, df[y], _method_names(df[label]), fontsize=8)
     return ax
 
 
 # ----------------------------------------------------------------------------- along the sequence
 def position_curves(frame, y: str = "kl", label: str = "label", ax=None, logy: bool = False,
-                    xlabel: str = "position in the window (token index)", title: str | None = None,
-                    marker_x: float | None = None, marker_label: str = "end of prefill"):
+                    xlabel: str | None = None, title: str | None = None,
+                    marker_x: float | None = None, marker_label: str = "end of prefill", start: int | None = None):
     """One line per method of `y` against the scored position (`kvlab.traces.position_frame`; pass
-    `y="kl_smooth"` for the smoothed curve). `marker_x` draws a vertical line (e.g. the prefill length)."""
+    `y="kl_smooth"` for the smoothed curve). `start`: positions counted from this token (the prefill
+    length), x labelled "position in the continuation (tokens)". `marker_x` draws a vertical line (e.g. the
+    prefill length). On a log axis zeros (fp16's KL) are drawn at a marked floor."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 4.2))
-    sns.lineplot(data=frame, x="position", y=y, hue=label, ax=ax, lw=1.2)
+    d = frame.copy()
+    floor = log_floor(d[y]) if logy and _needs_floor(d[y]) else None
+    if floor is not None:
+        d[y] = _floored(d[y], floor)
+    if start is not None:
+        d["position"] = d["position"] - start
+        marker_x = None if marker_x is None else marker_x - start
+    d["_method"] = _method_names(d[label])
+    sns.lineplot(data=d, x="position", y=y, hue="_method", ax=ax, lw=1.2)
     if marker_x is not None:
         ax.axvline(marker_x, color="grey", ls=":", lw=1, label=marker_label)
+    if floor is not None:
+        _mark_floor(ax, floor)
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(y.replace("_smooth", " (smoothed)"))
-    ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel or ("position in the continuation (tokens)" if start is not None else axis_label("position")))
+    ax.set_ylabel(axis_label(y))
+    ax.legend(fontsize=8, title=None)
     if title:
         ax.set_title(title, fontsize=10)
     return ax
@@ -604,7 +1011,7 @@ def layer_bits_over_steps(matrix, title: str | None = None, ax=None):
         _, ax = plt.subplots(figsize=(10, 4.5))
     toks = list(matrix.columns)
     step = max(1, len(toks) // 8)
-    heatmap(matrix, ax=ax, cmap="viridis", ylabel="layer", xticks=list(range(0, len(toks), step)),
+    heatmap(matrix, ax=ax, cmap="viridis", ylabel="layer index", xticks=list(range(0, len(toks), step)),
             yticks=list(range(0, matrix.shape[0], max(1, matrix.shape[0] // 10))), cbar_label="bits per element")
     ax.set_xlabel("tokens in the cache the step read")
     if title:
@@ -620,11 +1027,12 @@ def bits_vs_tokens(frame, label: str = "label", ax=None, title: str | None = Non
 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 4.5))
-    sns.lineplot(data=frame, x="tokens", y="bits", hue=label, ax=ax, lw=1.2)
+    d = frame.assign(_method=_method_names(frame[label]))
+    sns.lineplot(data=d, x="tokens", y="bits", hue="_method", ax=ax, lw=1.2)
     ax.set_xlabel("tokens in the cache the step read")
     ax.set_ylabel("bits per K/V element")
     ax.set_ylim(0, 17)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title=None)
     if title:
         ax.set_title(title, fontsize=10)
     return ax

@@ -10,8 +10,9 @@ method spec and protocol, so moving the layer slider only redraws) and `draw` (o
 figure, shown as a PNG inside an `ipywidgets.Output`). Panels:
 
   (a) relative K and V error per layer under the method (the chosen layer marked);
-  (b) the chosen layer: per-channel RMS quantization error of K and V, relative to the tensor's RMS,
-      from the method applied to that layer's full-precision K/V (pre-RoPE K for KVQuant);
+  (b) the chosen layer: per-channel RMS error of the K and V the method actually stored, relative to the
+      tensor's RMS, over every stored token of the first window under the chosen protocol (the fp16 sink
+      and residual window count with zero error; keys after RoPE, as attention reads them);
   (c) every configuration computed so far: average bits vs KL to fp16, the current one highlighted
       (build a Pareto front by hand).
 """
@@ -26,7 +27,6 @@ import torch
 from .errors import KVLabError
 from .evaluation import EvalSpec, evaluate
 from .models import LoadedModel
-from .quant.base import LayerContext
 from .quant.methods.select import select_spec
 from .quant.registry import parse
 
@@ -71,6 +71,7 @@ class Explorer:
         self._results: dict[tuple, dict] = {}
         self._fp: dict[str, dict] = {}
         self._caps: dict[str, list[torch.Tensor]] | None = None
+        self._stored: dict[tuple, dict | None] = {}
         self.figure = None
         self.last = None
         self.widget = self._build() if build else None
@@ -99,18 +100,6 @@ class Explorer:
     def _spec_for(self, protocol: str) -> EvalSpec:
         return self.spec if self.spec.protocol == protocol else replace(self.spec, protocol=protocol)
 
-    def _captures(self) -> dict[str, list[torch.Tensor]]:
-        """Full-precision pre-RoPE K, K and V of the first evaluation window (captured once)."""
-        if self._caps is None:
-            from . import data as data_mod
-            from .hooks import capture
-
-            w = data_mod.windows(self.lm, self.spec.data, self.spec.n_tokens, self.spec.window)[:1]
-            with torch.no_grad(), capture(self.lm.model, what=("k_pre", "k", "v")) as cap:
-                self.lm.model(w.to(self.lm.device))
-            self._caps = {k: cap[k] for k in ("k_pre", "k", "v")}
-        return self._caps
-
     def compute(self, method: str, bits: int, outliers: float = 0.0, layer: int = 0, protocol: str = "fake",
                 only_layer: bool = False) -> dict:
         """Everything the figure shows for one setting (cached per method spec and protocol).
@@ -137,31 +126,61 @@ class Explorer:
         out = {"spec": spec_str, "label": f"{method}, {bits} bits" + (f", {100 * outliers:g}% outliers"
                                                                       if "{outliers}" in template else ""),
                "metrics": r["metrics"], "fp": r["fp"], "layers": r["layers"], "layer": int(layer),
-               "protocol": protocol, "channel_err": self._channel_error(r["method"], int(layer))}
+               "protocol": protocol, "channel_err": self._channel_error(key, r["method"], int(layer), protocol)}
         self.last = out
         return out
 
-    def _channel_error(self, m, layer: int) -> dict | None:
-        """The method applied to the chosen layer's fp K/V: per-channel RMS error / RMS of the tensor."""
-        inner = getattr(m, "inner_method", m)
-        if inner.needs_attention or inner.scope != "layer":
-            return None
-        if hasattr(m, "selects") and not (m.selects(layer, "k") or m.selects(layer, "v")):
-            return {"k": None, "v": None}
-        caps = self._captures()
-        out = {}
-        for kind in ("k", "v"):
-            x = caps["k_pre" if kind == "k" and inner.key_site == "pre_rope" else kind][layer]
-            sink = min(inner.sink_tokens, x.shape[-2] - 1)
-            body = x[..., sink:, :]
-            ctx = LayerContext(layer=layer, num_layers=self.n_layers, kind=kind, start=sink, total_tokens=x.shape[-2])
-            try:
-                xh = inner.quantize(body, ctx).x
-            except KVLabError:
-                return None
-            err = (xh.float() - body.float()).pow(2).mean(dim=(0, 2)).sqrt()          # [heads, head_dim]
-            out[kind] = (err / body.float().pow(2).mean().sqrt().clamp_min(1e-12)).flatten().cpu()
+    def _stored_errors(self, key: tuple, m, protocol: str) -> dict | None:
+        """Per layer, the error of what the method actually stored: one window run under `protocol` with
+        the session keeping the full-precision K/V of every stored token (`attn_error`), then, per channel,
+        RMS(stored - fp) / RMS(fp) over every stored token: the fp16 sink and the fp16 (residual) window
+        count with zero error, evicted tokens with their whole value. Keys as attention reads them (after
+        RoPE). None when the method brings its own cache (nothing stored in kvlab's cache)."""
+        if key in self._stored:
+            return self._stored[key]
+        from . import data as data_mod
+        from .evaluation import _window_logits, calibrate_for
+        from .hooks import quantize
+
+        ev = self._spec_for(protocol)
+        w = data_mod.windows(self.lm, ev.data, ev.n_tokens, ev.window)[0]
+        out = None
+        try:
+            method = calibrate_for(self.lm, m, ev)
+            with torch.no_grad(), quantize(self.lm.model, method, protocol=protocol, attn_error=True) as run:
+                _window_logits(self.lm, w, ev)
+                cache = run.cache
+                if cache is not None and getattr(cache, "layers", None):
+                    out = {"k": [], "v": [], "spans": []}
+                    for i, lay in enumerate(cache.layers):
+                        for kind, got, ref in (("k", lay.keys, lay.ref_keys), ("v", lay.values, lay.ref_values)):
+                            if ref is None or got is None:
+                                raise KVLabError("no full-precision reference kept")
+                            n = min(got.shape[-2], ref.shape[-2])
+                            got, ref = got[..., -n:, :].float(), ref[..., -n:, :].float()
+                            if lay.keep is not None:                          # evicted tokens: nothing stored
+                                keep = lay.keep[..., -n:].to(got.device)
+                                got = got * keep[..., None].to(got.dtype)
+                            err = (got - ref).pow(2).mean(dim=(0, 2)).sqrt()  # [kv_heads, head_dim]
+                            out[kind].append((err / ref.pow(2).mean().sqrt().clamp_min(1e-12)).flatten().cpu())
+                        try:
+                            out["spans"].append(run.token_spans(i))
+                        except Exception:  # noqa: BLE001 - spans are a caption only
+                            out["spans"].append(None)
+        except (KVLabError, AttributeError):
+            out = None
+        self._stored[key] = out
         return out
+
+    def _channel_error(self, key: tuple, m, layer: int, protocol: str) -> dict | None:
+        """The chosen layer's per-channel error of the stored K/V (`_stored_errors`), or {"k": None, "v": None}
+        when `select` leaves the layer at full precision, or None when not available."""
+        if hasattr(m, "selects") and not (m.selects(layer, "k") or m.selects(layer, "v")):
+            return {"k": None, "v": None, "spans": None}
+        st = self._stored_errors(key, m, protocol)
+        if st is None:
+            return None
+        return {"k": st["k"][layer], "v": st["v"][layer], "spans": st["spans"][layer]}
 
     def history(self):
         """Every configuration computed so far: one DataFrame row each."""
@@ -191,36 +210,50 @@ class Explorer:
             ax.axvspan(layer - 0.5, layer + 0.5, color="grey", alpha=0.2, lw=0)
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
             ax.legend(fontsize=8)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("relative error ||x̂ - x|| / ||x||")
+        ax.set_xlabel(plots.axis_label("layer"))
+        ax.set_ylabel(plots.axis_label("rel_err"))
         ax.set_title("(a) K/V error per layer", fontsize=10)
-        # (b) chosen layer, per channel
+        # (b) chosen layer, per channel: the error of what the method stored (sink and fp window included)
         ax = axes[1]
         ce = result["channel_err"]
         if ce and ce.get("k") is not None:
-            hd = self._captures()["k"][layer].shape[-1]
-            for kind, mk in (("k", "K"), ("v", "V")):
-                ax.plot(np.arange(len(ce[kind])), ce[kind].numpy(), lw=1, label=mk)
+            cfg = self.lm.model.config
+            hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            vals = np.concatenate([ce["k"].numpy(), ce["v"].numpy()])
+            floor = plots.log_floor(vals) if plots._needs_floor(vals) else None
+            for kind, mk in (("k", "K (after RoPE)"), ("v", "V")):
+                ax.plot(np.arange(len(ce[kind])), plots._floored(ce[kind].numpy(), floor), lw=1, label=mk)
             for h in range(hd, len(ce["k"]), hd):
                 ax.axvline(h - 0.5, color="grey", lw=0.6)
             ax.set_yscale("log")
-            ax.legend(fontsize=8)
+            if floor is not None:
+                plots._mark_floor(ax, floor, text="0 (not quantized)")
+            ax.legend(fontsize=8, loc="lower right")
+            sp = ce.get("spans")
+            if sp is not None:
+                ax.text(0.01, 0.99, f"{sp.length} stored tokens: {sp.n_quantized} quantized, "
+                        f"{sp.sink_end} sink + {sp.length - sp.quantized_end} window in fp16 (zero error)",
+                        transform=ax.transAxes, fontsize=7, va="top", ha="left", color="0.3")
         else:
             ax.text(0.5, 0.5, "layer kept at full precision" if ce else "not available for this method",
                     ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("channel (KV head x head_dim)")
-        ax.set_ylabel("RMS error / RMS of tensor")
-        ax.set_title(f"(b) layer {layer}: error per channel", fontsize=10)
+        ax.set_ylabel("RMS error of stored K/V / RMS of tensor")
+        ax.set_title(f"(b) layer {layer}: error of the stored cache per channel", fontsize=10)
         # (c) history: bits vs KL
         ax = axes[2]
         h = self.history()
-        if not h.empty:
-            ax.scatter(h["avg_bits"], h["kl"].clip(lower=1e-6), s=18, color="lightgrey", label="explored")
         m = result["metrics"]
-        ax.scatter([m["avg_bits"]], [max(m["kl"], 1e-6)], s=60, color="C3", label="current", zorder=3)
+        kls = np.append(h["kl"].to_numpy(dtype=float) if not h.empty else np.zeros(0), float(m["kl"]))
+        floor = plots.log_floor(kls) if plots._needs_floor(kls) else None
+        if not h.empty:
+            ax.scatter(h["avg_bits"], plots._floored(h["kl"], floor), s=18, color="lightgrey", label="explored")
+        ax.scatter([m["avg_bits"]], plots._floored([m["kl"]], floor), s=60, color="C3", label="current", zorder=3)
         ax.set_yscale("log")
-        ax.set_xlabel("average bits per K/V element")
-        ax.set_ylabel("KL to fp16 per token")
+        if floor is not None:
+            plots._mark_floor(ax, floor)
+        ax.set_xlabel(plots.axis_label("avg_bits"))
+        ax.set_ylabel(plots.axis_label("kl"))
         ax.set_title("(c) explored settings", fontsize=10)
         ax.legend(fontsize=8)
         fp = result["fp"]
@@ -236,8 +269,10 @@ class Explorer:
         style = {"description_width": "70px"}
         self.controls = c = {
             "method": W.Dropdown(options=list(self.methods), value=d["method"], description="method", style=style),
-            "protocol": W.ToggleButtons(options=list(PROTOCOLS), value=d["protocol"], description="protocol",
-                                        style={**style, "button_width": "110px"}),
+            # no description of its own: ToggleButtons draws it above the buttons once the row is narrow;
+            # a separate label in a centred row keeps "protocol" on the buttons' line (see _build's box)
+            "protocol": W.ToggleButtons(options=list(PROTOCOLS), value=d["protocol"],
+                                        style={"button_width": "110px"}, layout=W.Layout(width="auto")),
             "bits": W.IntSlider(value=d["bits"], min=2, max=8, step=1, description="bits", continuous_update=False,
                                 style=style),
             "outliers": W.SelectionSlider(options=[(f"{100 * r:g}%", r) for r in OUTLIER_RATIOS],
@@ -251,7 +286,12 @@ class Explorer:
             w.observe(self._on_change, names="value")
         self.status = W.HTML()
         self.out = W.Output()
-        box = W.VBox([W.HBox([c["method"], c["protocol"]]), W.HBox([c["bits"], c["outliers"]]),
+        proto_label = W.HTML("<span class='kvlab-protocol-label'>protocol</span>",
+                             layout=W.Layout(width="70px", margin="0 8px 0 24px", display="flex",
+                                             justify_content="flex-end", align_items="center"))
+        row1 = W.HBox([c["method"], proto_label, c["protocol"]],
+                      layout=W.Layout(align_items="center", flex_flow="row nowrap"))
+        box = W.VBox([row1, W.HBox([c["bits"], c["outliers"]]),
                       W.HBox([c["layer"], c["only_layer"]]), self.status, self.out])
         box.add_class("kvlab-explorer")
         box.explorer = self

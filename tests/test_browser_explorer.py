@@ -1,5 +1,5 @@
 """The explorer in a real browser: JupyterLab + headless Chromium (selenium) run notebooks/07_explorer,
-move the bits slider and check that the plot changes.
+move the bits slider and check that the plot changes; the protocol label must sit on its buttons' line.
 
 Needs Debian's `chromium` and `chromium-driver` (`apt-get install -y chromium chromium-driver`) and
 `pip install selenium`; skipped with the reason when any is missing. A screenshot goes to the test's
@@ -212,6 +212,13 @@ def test_explorer_slider_updates_the_plot_in_jupyterlab(jupyterlab, browser, tmp
                        lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, ".kvlab-explorer .widget-html")
                                 if "int:bits=2" in e.text], timeout=15)
         img = lambda: browser.find_element(By.CSS_SELECTOR, ".kvlab-explorer .widget-output img")  # noqa: E731
+        # the protocol label sits on the buttons' line, left of them (not wrapped above them)
+        label = browser.find_element(By.CSS_SELECTOR, ".kvlab-explorer .kvlab-protocol-label")
+        buttons = browser.find_elements(By.CSS_SELECTOR, ".kvlab-explorer .widget-toggle-buttons button")
+        assert label.text.strip() == "protocol" and buttons, "no protocol label or buttons"
+        lab, first = label.rect, buttons[0].rect
+        assert abs((lab["y"] + lab["height"] / 2) - (first["y"] + first["height"] / 2)) < 6, (lab, first)
+        assert lab["x"] + lab["width"] <= first["x"] + 1, (lab, first)
         before = _wait("the explorer's plot", lambda: img().get_attribute("src"), timeout=15)
         assert before.startswith("data:image/png"), before[:40]
         _artifact(browser, tmp_path, "explorer_before.png")
