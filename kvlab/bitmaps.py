@@ -45,9 +45,10 @@ def _layers(session):
     return cache.layers
 
 
-def _span(session, layer) -> tuple[int, int, int]:
-    """(start, end, T) of the tokens the method quantized in this cache layer (the protocol's spans)."""
-    spans = session.token_spans(layer.layer_idx)
+def _span(session, layer, kind: str | None = None) -> tuple[int, int, int]:
+    """(start, end, T) of the tokens the method quantized in this cache layer (the protocol's spans), for
+    keys or values (`kind`; KIVI's authors' rule keeps different fp windows), or the tokens quantized in both."""
+    spans = session.token_spans(layer.layer_idx, kind)
     return spans.sink_end, spans.quantized_end, spans.length
 
 
@@ -80,7 +81,7 @@ def bit_map(session, kind: str = "k", batch: int = 0, fill: float = 16.0) -> tor
     keep = keep_map(session, batch)
     maps = []
     for idx, layer in enumerate(layers):
-        s, e, T = _span(session, layer)
+        s, e, T = _span(session, layer, kind)
         h = layer.keys.shape[1]
         row = torch.full((h, T), float(fill))
         info = session.info[idx].get(kind, {}) if idx < len(session.info) else {}
@@ -207,19 +208,29 @@ def progressive_schedule(method, num_layers: int, lengths: Iterable[int], head_d
     and residual window), budget_bits (allocated final width), over_budget, and avg_bits: bits per
     element of the layer's whole cache = codes + scales/zeros (from the method's own quantizer on a
     `head_dim`-wide dummy) + the fp16 sink and window tokens.
-    `method` must be allocated (calibrated, or allocation=uniform).
+    `method` must be allocated (calibrated, or allocation=uniform) and use `shrink="direct"`: the
+    authors' per-forward halving depends on how the tokens arrived (a prefill halves once), so those
+    widths come from a real run (`run.step_bits()`, notebook 09). With `flush_block` the fp window is
+    what the last 128-token block flush left, `(T - sink) % residual`.
     """
     import pandas as pd
     from .quant.primitives import quantize_uniform
 
     m = method
+    if getattr(m, "shrink", "direct") != "direct":
+        raise KVLabError(f"progressive_schedule: '{m.spec}' halves its width at most once per forward "
+                         "(shrink=per_forward, the authors' rule), so its widths depend on how the tokens "
+                         "arrived, not on the length alone: read them from a decode run (run.step_bits(), "
+                         "notebook 09) or pass the method with shrink=direct")
     alloc = m.allocated_bits(num_layers)
     g = min(m.group, head_dim)
     meta = {}
     rows = []
     for T in lengths:
         T = int(T)
-        q = max(T - m.sink_tokens - m.residual_tokens, 0)
+        window = (max(T - m.sink_tokens, 0) % m.residual_tokens if getattr(m, "flush_block", False)
+                  and m.residual_tokens else m.residual_tokens)
+        q = max(T - m.sink_tokens - window, 0)
         for layer in range(num_layers):
             bits, over = m.layer_bits(layer, num_layers, T, q) if q else (m.init_bits, False)
             if bits not in meta:     # as PMKVQ.quantize: full width is stored as plain fp16, no scales

@@ -3,8 +3,9 @@
     m = kvlab.calibrate(lm, "kvquant-nuq2-1%")                 # a fitted copy of the method
     ms = calibrate_many(lm, ["kvquant-nuq2", "kvquant-nuq3"])   # one capture serves every config
 
-A method that `needs_calibration` declares a `CalibrationNeeds` (which tensors, gradients or not,
-how the loss is taken, positional interpolation); this module runs the model once per distinct
+A method that `needs_calibration` declares a `CalibrationNeeds` (which tensors: "k_pre", "k", "v" and
+the post-RoPE queries "q" (PM-KVQ's alpha search); gradients or not, how the loss is taken,
+positional interpolation); this module runs the model once per distinct
 needs and calibration data (through `kvlab.capture`), hands the capture to `method.fit`, caches
 the fitted tensors on disk (`kvlab.diskcache` kind `calibration`, keyed by the model's weights
 fingerprint, the calibration token ids, the needs and `method.calibration_key()`), and returns

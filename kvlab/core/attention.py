@@ -38,9 +38,12 @@ def causal_keep_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: in
 
 
 def apply_keep(attention_mask, keep: torch.Tensor, q_len: int, n_groups: int, dtype) -> torch.Tensor:
-    """Combine the model's mask with a per-KV-head keep mask [b, kvh, kv] (False = evicted)."""
+    """Combine the model's mask with a per-KV-head keep mask (False = evicted): [b, kvh, kv], one set
+    for every query, or [b, kvh, q, kv], one set per query (H2O's teacher-forced simulation)."""
     kv_len = keep.shape[-1]
-    keep_q = keep.repeat_interleave(n_groups, dim=1)[:, :, None, :]          # [b, h, 1, kv]
+    keep_q = keep.repeat_interleave(n_groups, dim=1)
+    if keep.dim() == 3:
+        keep_q = keep_q[:, :, None, :]                                         # [b, h, 1, kv]
     allowed = causal_keep_mask(attention_mask, q_len, kv_len, keep.device) & keep_q
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         return torch.zeros(allowed.shape, dtype=attention_mask.dtype, device=keep.device).masked_fill(
@@ -88,6 +91,23 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, s
     fold = lambda t: t.view(b, h // n_groups, n_groups, *t.shape[2:])              # noqa: E731
     return AttentionStats(received_sum=fold(total).sum(2), received_max=fold(recent_max).amax(2),
                           query_norm=fold(qn).amax(2), n_recent=n_recent)
+
+
+def attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float, n_groups: int,
+                     softcap: float | None = None) -> torch.Tensor:
+    """fp32 attention logits [b, heads, q, kv] of one call, -inf wherever the model's mask (causal,
+    padding, and any keep mask already applied) forbids a key: what a per-query eviction rule reads
+    (`Method.query_keep`). Memory O(q * kv) per head."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    k = key.float().repeat_interleave(n_groups, dim=1)
+    logits = torch.matmul(query.float(), k.transpose(-1, -2)).mul_(scaling)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        logits = logits + attention_mask[..., -q_len:, -kv_len:].float()
+    mask = attention_mask[..., -q_len:, :] if attention_mask is not None else None
+    allowed = causal_keep_mask(mask, q_len, kv_len, query.device)
+    return logits.masked_fill_(~allowed, float("-inf"))
 
 
 def wrapped_attention(original_name: str) -> Callable:

@@ -5,8 +5,12 @@ layers stay sliding) with every layer swapped for a subclass of its class with `
 Each `update(k, v)` hands the new post-RoPE keys and values to the session, which quantizes,
 records or defers them; the layer itself only keeps the bookkeeping the protocols need:
 
-* `pending`  trailing tokens not yet quantized (prefill-then-decode keeps them fp16 until they
-             leave the method's residual window),
+* `pending_k`, `pending_v`  trailing keys / values not yet quantized (prefill-then-decode keeps them
+             fp16 until the method's `flush_count` quantizes them; KIVI's authors' rule flushes keys
+             and values at different times). `pending` reads the larger of the two (the trailing
+             tokens fp in K or V) and, assigned, sets both,
+* `quantized_k`, `quantized_v`  tokens booked under the method in this sequence, per kind
+             (`quantized_tokens`: the larger; assigned, sets both),
 * `keep`     a bool mask [b, kv_heads, T] of tokens not evicted (None = all kept),
 * `k_pre`, `rope`  pre-RoPE keys and their (cos, sin), for methods that quantize before RoPE,
 * `fp_keys`, `fp_values`  full-precision shadows, only for methods that re-quantize what is stored,
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
+
+from ..errors import KVLabError
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class KVLabLayer:
     def kvlab_init(self, session, layer_idx: int) -> None:
         self._kvlab = session
         self.layer_idx = layer_idx
-        self.pending = 0
+        self.pending_k = 0       # trailing keys not yet quantized
+        self.pending_v = 0       # trailing values not yet quantized
         self.keep: torch.Tensor | None = None
         self.k_pre: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -63,8 +70,8 @@ class KVLabLayer:
         self.ref_values: torch.Tensor | None = None
         self.n_seen = 0          # tokens ever added (sliding layers store fewer)
         self.last_new = 0        # tokens added by the latest update (not yet part of the stored cache)
-        self.quantized_tokens = 0   # tokens booked under the method in this sequence (a sliding layer may
-                                    # have dropped some of them since)
+        self.quantized_k = 0     # keys booked under the method in this sequence (a sliding layer may
+        self.quantized_v = 0     # have dropped some of them since); values likewise
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         session = self._kvlab
@@ -74,12 +81,39 @@ class KVLabLayer:
         self.n_seen += new
         self.last_new = new
         stored = self.stored_length
-        self.pending = min(self.pending + new, stored)
+        self.pending_k = min(self.pending_k + new, stored)
+        self.pending_v = min(self.pending_v + new, stored)
         if self.keep is not None:
             self.keep = _fit(self.keep, stored, True)
         if stored < self.n_seen:                 # a sliding-window layer dropped tokens: so do the shadows
             self._crop_shadows(stored)
         return keys, values
+
+    @property
+    def pending(self) -> int:
+        """Trailing tokens not yet quantized in K or V (the larger count); assigning sets both kinds."""
+        return max(self.pending_k, self.pending_v)
+
+    @pending.setter
+    def pending(self, n: int) -> None:
+        self.pending_k = self.pending_v = n
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens booked under the method in this sequence, in K or V (the larger); assigning sets both."""
+        return max(self.quantized_k, self.quantized_v)
+
+    @quantized_tokens.setter
+    def quantized_tokens(self, n: int) -> None:
+        self.quantized_k = self.quantized_v = n
+
+    def pending_of(self, kind: str) -> int:
+        """Trailing tokens of `kind` ("k" | "v") not yet quantized."""
+        return self.pending_k if kind == "k" else self.pending_v
+
+    def quantized_of(self, kind: str) -> int:
+        """Tokens of `kind` ("k" | "v") booked under the method in this sequence."""
+        return self.quantized_k if kind == "k" else self.quantized_v
 
     @property
     def stored_length(self) -> int:
@@ -103,12 +137,21 @@ class KVLabLayer:
         """Tokens a sliding-window layer has already dropped from its front."""
         return self.n_seen - self.stored_length
 
-    def token_spans(self) -> TokenSpans:
+    def token_spans(self, kind: str | None = None) -> TokenSpans:
         """Sink / quantized / full-precision spans of this layer's stored tokens, under the session's
-        method and protocol (a capture-only session quantizes nothing: everything is full precision)."""
+        method and protocol (a capture-only session quantizes nothing: everything is full precision).
+
+        `kind` ("k" | "v") asks for the keys' or the values' spans; None (the default) for the tokens
+        quantized in both, which is the same thing unless the method flushes K and V differently
+        (KIVI's authors' rule: then `quantized_end` is the smaller of the two, and the tokens after it
+        are fp16 in K or V). Protocols whose K and V spans never differ (`fake`) answer every kind alike."""
+        if kind not in (None, "k", "v"):
+            raise KVLabError(f"token_spans: kind must be 'k', 'v' or None, got {kind!r}")
         policy = getattr(self._kvlab, "policy", None)
         if policy is None:
             return TokenSpans(0, 0, self.stored_length)
+        if kind is not None and getattr(policy, "spans_per_kind", False):
+            return policy.token_spans(self, kind)
         return policy.token_spans(self)
 
 

@@ -248,7 +248,13 @@ class Session:
         idx = int(module.layer_idx)
         layer = self.cache.layers[idx] if self.cache is not None and self.phase == "run" else None
         fp_mask = attention_mask
-        if layer is not None and layer.keep is not None:
+        # a per-query keep mask [b, kvh, q, kv] (the fake protocol's simulation of H2O / Q-Hitter's
+        # eviction, decided from this call's own attention) replaces the layer's one keep set
+        query_keep = getattr(self.policy, "query_keep", None) if layer is not None else None
+        per_query = query_keep(layer, module, query, key, attention_mask, kwargs) if query_keep else None
+        if per_query is not None:
+            attention_mask = apply_keep(attention_mask, per_query, query.shape[-2], self.arch.n_groups, query.dtype)
+        elif layer is not None and layer.keep is not None:
             # aligned at the newest key: a sliding layer's call also reads the token it just dropped
             keep = layer.keep[..., -key.shape[-2]:] if layer.keep.shape[-1] >= key.shape[-2] else \
                 torch.cat([torch.ones(*layer.keep.shape[:2], key.shape[-2] - layer.keep.shape[-1],
@@ -283,11 +289,13 @@ class Session:
         return self.recorder.tensors(what)
 
     # -- report -------------------------------------------------------------------------------------
-    def token_spans(self, layer: int) -> TokenSpans:
-        """Sink / quantized / full-precision spans of `layer`'s stored tokens in the live cache."""
+    def token_spans(self, layer: int, kind: str | None = None) -> TokenSpans:
+        """Sink / quantized / full-precision spans of `layer`'s stored tokens in the live cache: of its
+        keys (`kind="k"`), its values ("v"), or (None) of the tokens quantized in both (they differ only
+        for a method that flushes K and V apart, KIVI's authors' rule)."""
         if self.cache is None or self.policy is None:
             raise KVLabError("token_spans needs a quantize block that has run the model")
-        return self.cache.layers[layer].token_spans()
+        return self.cache.layers[layer].token_spans(kind)
 
     def step_bits(self) -> dict | None:
         """Decode protocol: the per-step record of the cache each call read (`sequence`, `step`, `tokens`,

@@ -93,8 +93,16 @@ class Protocol:
         elif self.method.needs_attention:
             raise KVLabError(f"method '{self.method.spec}' needs attention statistics but none were collected "
                              f"for layer {layer}")
+        # `previous`: the method's info of its previous call on this layer and kind in this sequence ({} at
+        # the first: the layer has quantized no token of that kind yet); None in fake, which quantizes
+        # every chunk once as it enters (no flush, no history)
+        previous = None
+        cache = self.session.cache
+        if self.name != "fake" and cache is not None and layer < len(cache.layers):
+            done = getattr(cache.layers[layer], "quantized_of", None)
+            previous = (self.session.info[layer].get(kind) or {}) if done is not None and done(kind) > 0 else {}
         return LayerContext(layer=layer, num_layers=self.session.n_layers, kind=kind, start=s, attention=st,
-                            total_tokens=total)
+                            total_tokens=total, previous=previous)
 
     def apply(self, layer: int, kind: str, x: torch.Tensor, ctx: LayerContext, replace: bool = False) -> Quantized:
         """Run the method on one span, check its shape, queue its finiteness check, book bits and error."""

@@ -7,7 +7,8 @@ progressive widths). What `decode` adds is the regime and its account: the evalu
 continuation `decode_chunk` tokens per forward (1 by default; larger chunks are an approximation:
 tokens within a chunk attend to each other at full precision), and after each call that read a
 stored cache the policy records the bits the ledger holds per layer (a device tensor, no host sync)
-and the element counts of the cache as it stood (host integers; sink and residual at 16 bits).
+and the element counts of the cache as it stood, keys and values apart (host integers; sink and
+residual at 16 bits; under KIVI's authors' flush the fp16 key and value buffers differ).
 
 `run.summary()` then adds `avg_bits_step_mean` (the mean over those steps), `avg_bits_end` (the
 last step) and `decode_steps`; `run.step_bits()` returns the whole record (`step_record`), per
@@ -47,11 +48,12 @@ class Decode(PrefillDecode):
             if layer.is_initialized:
                 T = layer.stored_length
                 tokens = max(tokens, T - min(layer.last_new, T))
-            c = self.layer_counts(layer)
-            if c is not None and layer.layer_idx < n_layers:
+            ck = self.layer_counts(layer, "k")
+            if ck is not None and layer.layer_idx < n_layers:
+                cv = self.layer_counts(layer, "v")          # K and V apart: their fp16 windows may differ
                 i = 4 * layer.layer_idx
-                row[i], row[i + 1], row[i + 2], row[i + 3] = c[0], c[1], c[0], c[1]
-                stored = stored or c[0] > 0
+                row[i], row[i + 1], row[i + 2], row[i + 3] = ck[0], ck[1], cv[0], cv[1]
+                stored = stored or ck[0] > 0
         if not stored:                                      # the prefill: nothing stored before it
             return
         self.booked.append(self.session.ledger.bits_by_layer())   # the same tensor while nothing is booked
@@ -62,14 +64,16 @@ class Decode(PrefillDecode):
     def step_record(self) -> dict:
         """Per decode step (every call that read a stored cache, all sequences): `sequence`, `step` (within
         its sequence), `tokens` (stored tokens the call read), `avg_bits` (bits per element of that cache,
-        K and V, fp16 sink/residual included) and `layer_bits` [steps, layers] (per layer, K and V)."""
+        K and V, fp16 sink/residual included), `layer_bits` [steps, layers] (per layer, K and V) and
+        `kind_bits` [steps, layers, 2] (per layer, K then V apart; KIVI's authors' flush keeps different
+        fp16 key and value buffers). The HF-cache comparators' record has no `kind_bits`."""
         import numpy as np
 
         n_steps, n_layers = len(self.booked), self.session.n_layers
         if not n_steps:
             empty = np.zeros(0)
             return {"sequence": empty, "step": empty, "tokens": empty, "avg_bits": empty,
-                    "layer_bits": np.zeros((0, n_layers))}
+                    "layer_bits": np.zeros((0, n_layers)), "kind_bits": np.zeros((0, n_layers, 2))}
         dev = next((b.device for b in self.booked + self.baselines if b is not None), torch.device("cpu"))
         zero = torch.zeros(n_layers, 2, dtype=torch.float64, device=dev)
         booked = torch.stack([b if b is not None else zero for b in self.booked])
@@ -82,7 +86,8 @@ class Decode(PrefillDecode):
         per_layer = bits.sum(-1) / elems.sum(-1)                              # NaN where a layer stores nothing
         return {"sequence": np.array(seq), "step": np.array([w[1] for w in self.where]),
                 "tokens": np.array([w[2] for w in self.where]),
-                "avg_bits": (bits.sum((1, 2)) / elems.sum((1, 2))).numpy(), "layer_bits": per_layer.numpy()}
+                "avg_bits": (bits.sum((1, 2)) / elems.sum((1, 2))).numpy(), "layer_bits": per_layer.numpy(),
+                "kind_bits": (bits / elems).numpy()}
 
     def extra_summary(self) -> dict:
         if not self.booked:

@@ -13,7 +13,10 @@ import inspect
 
 import torch
 
+from ..core.attention import attention_logits
 from ..core.cache import KVLabCache, KVLabLayer, TokenSpans
+from ..errors import KVLabError
+from ..quant.base import Quantized
 from .base import Protocol
 
 
@@ -22,6 +25,9 @@ class Fake(Protocol):
 
     def begin_sequence(self, args: tuple, kwargs: dict) -> None:
         self.precomputed: list | None = None     # whole-cache methods: per layer (k, v, keep) of the fp pass
+        self.stored: dict[int, tuple] = {}       # per-query methods: layer -> (k, v, qk, qv, state) of the call
+        if self.method.per_query:                # the mask comes from each call's own attention: no fp pass
+            return
         if self.method.needs_attention or self.method.scope == "cache":
             self._statistics_pass(args, kwargs)
 
@@ -62,6 +68,8 @@ class Fake(Protocol):
     def store(self, layer: KVLabLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = layer.stored_length
         idx = layer.layer_idx
+        if self.method.per_query:
+            return self._store_per_query(layer, k, v)
         if self.precomputed is not None:
             kq, vq, keep = self.precomputed[idx]
             t = k.shape[-2]
@@ -91,6 +99,39 @@ class Fake(Protocol):
             keep[..., start + n_sink:] = q.keep
             cache_layer.keep = keep
         return torch.cat([x[..., :n_sink, :], q.x], dim=-2) if n_sink else q.x
+
+    # -- per-query simulation (H2O's `local_heavy_hitter_mask`, Q-Hitter's rule row by row) --------------
+    def _store_per_query(self, layer: KVLabLayer, k: torch.Tensor, v: torch.Tensor):
+        """The whole window enters in one call: the method stores it (Q-Hitter: every token at `bits`);
+        the bits are booked once the call's attention has decided what the cache keeps (`query_keep`)."""
+        if layer.stored_length or self.method.sink_tokens or self.method.residual_tokens:
+            raise KVLabError(f"method '{self.method.spec}': the per-query simulation (fake protocol) takes the "
+                             "whole sequence in one forward, without sink or residual tokens")
+        state: dict = {}
+        qk, qv = self.method.store_tokens(k, v, state)
+        self.stored[layer.layer_idx] = (k, v, qk, qv, state)
+        return qk.x, qv.x
+
+    def query_keep(self, layer: KVLabLayer, module, query, key, attention_mask, kwargs) -> torch.Tensor | None:
+        """The attention wrapper's per-query hook: [b, kvh, q, kv] keep mask of this call, or None."""
+        if not self.method.per_query:
+            return None
+        idx = layer.layer_idx
+        k, v, qk, qv, state = self.stored.pop(idx)
+        scaling = kwargs.get("scaling") or module.scaling
+        n_groups = self.session.arch.n_groups
+        logits = attention_logits(query, key, attention_mask, scaling, n_groups, kwargs.get("softcap"))
+        mask, keep_end = self.method.query_keep(logits, n_groups, state)
+        ledger = self.session.ledger
+        for kind, x, q in (("k", k, qk), ("v", v, qv)):
+            per_token = x[..., :1, :].numel()
+            ledger.count(idx, kind, x.shape[-2] * per_token, 0)
+            # the cache as it stands after the window: its kept tokens at their storage, evicted ones 0
+            frac = keep_end.sum() / max(keep_end.numel(), 1)
+            ledger.quantized(idx, kind, x, Quantized(q.x, q.bits * frac, keep_end, q.info))
+            self.session.info[idx][kind] = {**q.info, "keep_ratio": frac}
+        layer.keep = keep_end
+        return mask
 
     def token_spans(self, layer: KVLabLayer) -> TokenSpans:
         T = layer.stored_length

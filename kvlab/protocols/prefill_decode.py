@@ -1,11 +1,14 @@
 """`prefill-decode`: the prefill is stored full precision, then quantized before the next call reads it.
 
 The first call of a sequence attends to its own full-precision K/V (as a deployed cache's prefill
-does). Before each later call, the tokens that left the method's fp residual window are quantized,
-`token_group` at a time (KIVI's flush, `quant/llama_kivi.py`), attention-aware methods using the
-statistics of the calls so far; so a continuation is scored or generated against the cache the
-method keeps. A continuation scored in ONE call attends to its own tokens at full precision (QAQ's
-evaluator); scoring token by token (generate, or one token per forward) is the deployed regime.
+does). Before each later call, each layer's pending fp tokens are flushed per kind as the method's
+`flush_count(kind, pending, stored)` says (default: the whole `token_group`s that left the fp
+residual window, the same for K and V; KIVI's authors' rule keeps separate key and value buffers,
+`models/llama_kivi.py` of jy-yuan/KIVI), attention-aware methods using the statistics of the calls
+so far; so a continuation is scored or generated against the cache the method keeps. Flushing in
+`store`, before the next call's attention, is the authors' flush after the previous call's attention.
+A continuation scored in ONE call attends to its own tokens at full precision (QAQ's evaluator);
+scoring token by token (generate, or one token per forward) is the deployed regime.
 
 Per-method traits it honours: `sink` (fp16 tokens at the start), `residual` (fp16 recent tokens),
 `token_group`, `key_site="pre_rope"` (keys quantized before RoPE, then rotated with the layer's own
@@ -18,6 +21,7 @@ import torch
 
 from ..core.arch import apply_rope
 from ..core.cache import KVLabLayer, TokenSpans, write_tokens
+from ..quant.base import Quantized
 from .base import Protocol
 
 
@@ -54,47 +58,62 @@ class PrefillDecode(Protocol):
         return k, v
 
     def _flush(self, layer: KVLabLayer) -> None:
-        """Quantize the pending tokens that left the residual window, in whole token groups."""
+        """Quantize, per kind, the oldest `method.flush_count(kind, pending, T)` pending tokens (K, then V)."""
         m = self.method
         if layer.pending == 0:
             return
         if m.scope == "cache":
-            if layer.layer_idx == 0 and not self.whole_cache_done:
+            if m.per_step:                       # H2O / Q-Hitter as their authors run them: every flush
+                self._step_cache(layer)
+            elif layer.layer_idx == 0 and not self.whole_cache_done:
                 self._quantize_whole_cache()
                 self.whole_cache_done = True     # later tokens stay full precision
             return
         T = layer.stored_length
-        start = T - layer.pending
         sink_end = self.sink_end(layer)
-        if start < sink_end:
-            start = sink_end
-            layer.pending = T - start
-        n = ((T - m.residual_tokens - start) // m.token_group) * m.token_group
-        if n <= 0:
+        spans = []                               # (kind, s, e, n) per kind that flushes now
+        for kind in "kv":
+            pending = min(layer.pending_of(kind), T - sink_end)     # a sliding layer may have dropped sink tokens
+            if kind == "k":
+                layer.pending_k = pending
+            else:
+                layer.pending_v = pending
+            n = m.flush_count(kind, pending, T) if pending > 0 else 0
+            if n > 0:
+                start = T - pending
+                spans.append((kind, sink_end if m.rewrites_stored else start, start + n, n))
+        if not spans:
             return
-        e = start + n
-        s = sink_end if m.rewrites_stored else start
         idx = layer.layer_idx
-        if m.key_site == "pre_rope":
-            k_src = layer.k_pre[..., s:e, :]
-        else:
-            k_src = layer.fp_keys[..., s:e, :] if m.rewrites_stored else layer.keys[..., s:e, :]
-        v_src = layer.fp_values[..., s:e, :] if m.rewrites_stored else layer.values[..., s:e, :]
-        qk = self.apply(idx, "k", k_src, self.context(idx, "k", s, e, T), replace=m.rewrites_stored)
-        qv = self.apply(idx, "v", v_src, self.context(idx, "v", s, e, T), replace=m.rewrites_stored)
-        k_new = qk.x
-        if m.key_site == "pre_rope":
-            cos, sin = layer.rope
-            k_new = apply_rope(self.session.arch.sites[idx].module, k_new, cos[:, s:e], sin[:, s:e])
-        layer.keys = write_tokens(layer.keys, s, e, k_new)        # in place where safe: no copy of the cache
-        layer.values = write_tokens(layer.values, s, e, qv.x)
-        keep = qk.keep if qk.keep is not None else qv.keep
-        if keep is not None:
+        keep_span = None
+        for kind, s, e, n in spans:              # K first, then V (the ledger's and the checks' order)
+            if kind == "k":
+                if m.key_site == "pre_rope":
+                    src = layer.k_pre[..., s:e, :]
+                else:
+                    src = layer.fp_keys[..., s:e, :] if m.rewrites_stored else layer.keys[..., s:e, :]
+            else:
+                src = layer.fp_values[..., s:e, :] if m.rewrites_stored else layer.values[..., s:e, :]
+            q = self.apply(idx, kind, src, self.context(idx, kind, s, e, T), replace=m.rewrites_stored)
+            if kind == "k":
+                k_new = q.x
+                if m.key_site == "pre_rope":
+                    cos, sin = layer.rope
+                    k_new = apply_rope(self.session.arch.sites[idx].module, k_new, cos[:, s:e], sin[:, s:e])
+                layer.keys = write_tokens(layer.keys, s, e, k_new)      # in place where safe: no copy of the cache
+                layer.pending_k = T - e
+                layer.quantized_k = e - sink_end if m.rewrites_stored else layer.quantized_k + n
+            else:
+                layer.values = write_tokens(layer.values, s, e, q.x)
+                layer.pending_v = T - e
+                layer.quantized_v = e - sink_end if m.rewrites_stored else layer.quantized_v + n
+            if q.keep is not None and keep_span is None:                # the keys' mask first, as before
+                keep_span = (q.keep, s, e)
+        if keep_span is not None:
+            keep, s, e = keep_span
             full = layer.keep if layer.keep is not None else torch.ones(
                 *layer.keys.shape[:2], T, dtype=torch.bool, device=keep.device)
             layer.keep = torch.cat([full[..., :s], keep, full[..., e:]], dim=-1)
-        layer.pending = T - e
-        layer.quantized_tokens = e - sink_end if m.rewrites_stored else layer.quantized_tokens + n
 
     def _quantize_whole_cache(self) -> None:
         layers = self.session.cache.layers
@@ -106,42 +125,94 @@ class PrefillDecode(Protocol):
             layer.pending = T - e
             layer.quantized_tokens = e - s
 
+    def _step_cache(self, layer: KVLabLayer) -> None:
+        """A `per_step` whole-cache method (`Method.step_cache`): the tokens that entered the layer's span
+        (sink .. T - residual) since the last flush join it and the method re-decides the whole span
+        (H2O / Q-Hitter: accumulate, store the new tokens, evict down to the budget; never un-evict).
+
+        Bits: the span's bits as it now stands replace the layer's previous record (a ledger region,
+        as PM-KVQ's rewrites), so evicted tokens cost 0 and kept ones their storage at every step; the
+        error of each token is booked once, when it is stored."""
+        m, session = self.method, self.session
+        idx = layer.layer_idx
+        T = layer.stored_length
+        s = self.sink_end(layer)
+        e = max(s, T - m.residual_tokens)
+        state = getattr(layer, "method_state", None)
+        if state is None:
+            state = layer.method_state = {}
+        prev_end = state.get("_span_end", layer.dropped + s)    # absolute position (tokens ever seen)
+        new = min(e + layer.dropped - prev_end, e - s)
+        if new <= 0:
+            return
+        state["_span_end"] = e + layer.dropped
+        keep = layer.keep[..., s:e] if layer.keep is not None else None
+        ctx = self.context(idx, "k", s, e, T)
+        k_new, v_new = layer.keys[..., e - new:e, :], layer.values[..., e - new:e, :]
+        qk, qv = m.step_cache(layer.keys[..., s:e, :], layer.values[..., s:e, :], ctx, keep, new, state)
+        for kind, x, q in (("k", k_new, qk), ("v", v_new, qv)):
+            zero = torch.zeros((), dtype=q.bits.dtype, device=q.bits.device)
+            session.ledger.quantized(idx, kind, x, Quantized(q.x, zero))                 # the new tokens' error
+            empty = x[..., :0, :]
+            session.ledger.quantized(idx, kind, empty, Quantized(empty, q.bits), replace=True)   # the span's bits
+            session.info[idx][kind] = q.info
+        layer.keys = write_tokens(layer.keys, e - new, e, qk.x)
+        layer.values = write_tokens(layer.values, e - new, e, qv.x)
+        span_keep = qk.keep if qk.keep is not None else qv.keep
+        if span_keep is not None:
+            full = layer.keep if layer.keep is not None else torch.ones(
+                *layer.keys.shape[:2], T, dtype=torch.bool, device=span_keep.device)
+            layer.keep = torch.cat([full[..., :s], span_keep, full[..., e:]], dim=-1)
+        layer.pending = T - e
+        layer.quantized_tokens = e - s
+        self.whole_cache_done = True             # the span is stored under the method (`layer_counts`)
+
     def stored_counts(self) -> dict[tuple[int, str], tuple[int, int]]:
         """Element counts of the stored cache per (layer, kind): (elements, fp16 elements).
 
         The tokens of the latest call are left out: they were attended to at full precision within
         that call and have not been stored under the method's rules yet (the next call flushes
-        them). So the bits describe the cache the latest call was scored against.
+        them). So the bits describe the cache the latest call was scored against. K and V are
+        counted apart (their fp16 windows differ under KIVI's authors' flush).
         """
         counts = {}
         cache = self.session.cache
         if cache is None:
             return counts
         for layer in cache.layers:
-            c = self.layer_counts(layer)
-            if c is not None:
-                for kind in "kv":
+            for kind in "kv":
+                c = self.layer_counts(layer, kind)
+                if c is not None:
                     counts[(layer.layer_idx, kind)] = c
         return counts
 
-    def layer_counts(self, layer: KVLabLayer) -> tuple[int, int] | None:
-        """(elements, fp16 elements) of one layer's stored K (the same for V), as in `stored_counts`;
-        None for a layer that stores nothing yet. The ledger books a token's bits when it is quantized,
-        so a sliding-window layer that has since dropped quantized tokens counts them too: its bits
-        per element average every token it quantized in the sequence plus the fp16 ones it holds."""
+    def layer_counts(self, layer: KVLabLayer, kind: str = "k") -> tuple[int, int] | None:
+        """(elements, fp16 elements) of one layer's stored keys (`kind="k"`) or values ("v"), as in
+        `stored_counts`; None for a layer that stores nothing yet. The fp16 ones are the sink and the
+        kind's own pending tokens (`pending_k` / `pending_v`). The ledger books a token's bits when it
+        is quantized, so a sliding-window layer that has since dropped quantized tokens counts them too:
+        its bits per element average every token it quantized in the sequence plus the fp16 ones it holds."""
         if not layer.is_initialized or layer.keys.numel() == 0:
             return None
-        b, h, T, d = layer.keys.shape
+        x = layer.keys if kind == "k" else layer.values
+        b, h, T, d = x.shape
         stored = T - min(layer.last_new, T)
-        quantized = T - layer.pending - self.sink_end(layer)
+        quantized = T - layer.pending_of(kind) - self.sink_end(layer)
         if self.method.scope == "cache" and not self.whole_cache_done:
             quantized = 0
         quantized = max(min(quantized, stored), 0)
         if layer.dropped:   # a sliding layer: its booked bits include tokens it has dropped since; count them
-            return (layer.quantized_tokens + stored - quantized) * b * h * d, (stored - quantized) * b * h * d
+            return (layer.quantized_of(kind) + stored - quantized) * b * h * d, (stored - quantized) * b * h * d
         return stored * b * h * d, (stored - quantized) * b * h * d
 
-    def token_spans(self, layer: KVLabLayer) -> TokenSpans:
+    spans_per_kind = True      # `token_spans(layer, kind)` answers for keys and values apart
+
+    def token_spans(self, layer: KVLabLayer, kind: str | None = None) -> TokenSpans:
+        """The layer's sink / quantized / fp16 spans for keys (`kind="k"`), values ("v"), or (None) the
+        tokens quantized in both: `quantized_end` is then the smaller of the two ends (the trailing
+        `layer.pending` tokens are fp16 in K or V), the same as either kind for every method that
+        flushes K and V together."""
         T = layer.stored_length
         s = self.sink_end(layer)
-        return TokenSpans(s, max(s, T - layer.pending), T)
+        pending = layer.pending if kind is None else layer.pending_of(kind)
+        return TokenSpans(s, max(s, T - pending), T)

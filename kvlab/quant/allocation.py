@@ -155,10 +155,20 @@ def allocate_bits(sensitivity, choices, budget: float, sizes=None) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def minmax(x: torch.Tensor, dim=-1) -> torch.Tensor:
-    """(x - min) / (max - min) along `dim` (int or tuple); a constant slice maps to 0."""
-    mn = x.amin(dim=dim, keepdim=True)
-    mx = x.amax(dim=dim, keepdim=True)
+def minmax(x: torch.Tensor, dim=-1, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - min) / (max - min) along `dim` (int or tuple); a constant slice maps to 0.
+
+    `valid` (bool, x's shape): min and max over the valid entries only (Q-Hitter: the tokens still in
+    the cache); invalid entries are normalised with the same min and max. `dim=(-2, -1)` over
+    [b, kv_heads, tokens] is Q-Hitter's normalisation over every head of the layer at once."""
+    if valid is None:
+        mn = x.amin(dim=dim, keepdim=True)
+        mx = x.amax(dim=dim, keepdim=True)
+    else:
+        mn = x.masked_fill(~valid, float("inf")).amin(dim=dim, keepdim=True)
+        mx = x.masked_fill(~valid, float("-inf")).amax(dim=dim, keepdim=True)
+        ok = torch.isfinite(mn) & torch.isfinite(mx)          # a slice with nothing valid maps to 0
+        mn, mx = torch.where(ok, mn, torch.zeros_like(mn)), torch.where(ok, mx, torch.zeros_like(mx))
     return (x - mn) / (mx - mn).clamp_min(1e-12)
 
 

@@ -7,7 +7,9 @@ The interception core (`kvlab.hooks`) decides *which* tokens a method sees:
 
 * the first `sink` tokens and (in the prefill-then-decode protocol) the most recent `residual`
   tokens stay full precision and are accounted at 16 bits by the core, never by the method;
-* tokens are handed over in multiples of `token_group` (per-channel groups along tokens);
+* tokens are handed over in multiples of `token_group` (per-channel groups along tokens); in
+  prefill-decode, `flush_count(kind, pending, stored)` says how many per layer and kind (default:
+  the whole groups that left the residual window; KIVI's authors' rule differs for K and V);
 * `scope = "cache"` methods see every layer at once (`quantize_cache`), after the prefill;
 * `needs_attention` methods get `LayerContext.attention` (attention received per key token);
 * `key_site = "pre_rope"` methods see keys before the rotary embedding (KVQuant).
@@ -60,6 +62,11 @@ class LayerContext:
     start: int = 0                      # index (in the layer's stored tokens) of the first token handed over
     attention: AttentionStats | None = None
     total_tokens: int | None = None     # tokens the layer holds after this update
+    # the `Quantized.info` this method returned for the same layer and kind at its previous call in
+    # this sequence ({} at the first call), in the protocols that flush stored tokens later
+    # (prefill-decode, decode); None where every chunk is quantized once as it enters (fake).
+    # Progressive methods (PM-KVQ) read their current width from it.
+    previous: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ class CalibrationNeeds:
     """What a method's calibration captures; `kvlab.calibrate` runs one capture per distinct needs.
 
     what:            per-layer tensors, each [n, kv_heads, T, head_dim]: "k_pre" (keys before RoPE),
-                     "k" (post-RoPE keys), "v"
+                     "k" (post-RoPE keys), "v", and "q" (post-RoPE queries, [n, heads, T, head_dim])
     grads:           also dL/dX for each captured X (L: next-token cross-entropy; weights get no grad)
     loss:            "row_sum": each row alone, L = its summed cross-entropy (KVQuant's Fisher pass);
                      "mean": all rows in one batch, L = the mean cross-entropy (PM-KVQ's sensitivity)
@@ -83,9 +90,9 @@ class CalibrationNeeds:
     to_cpu: bool = True
 
     def __post_init__(self):
-        bad = [w for w in self.what if w not in ("k_pre", "k", "v")]
+        bad = [w for w in self.what if w not in ("k_pre", "k", "v", "q")]
         if bad or not self.what:
-            raise KVLabError(f"CalibrationNeeds.what must name some of 'k_pre', 'k', 'v'; got {self.what!r}")
+            raise KVLabError(f"CalibrationNeeds.what must name some of 'k_pre', 'k', 'v', 'q'; got {self.what!r}")
         if self.loss not in ("row_sum", "mean"):
             raise KVLabError(f"CalibrationNeeds.loss must be 'row_sum' or 'mean', got {self.loss!r}")
 
@@ -191,6 +198,44 @@ class Method:
                        ctxs: list[LayerContext]) -> tuple[list[Quantized], list[Quantized]]:
         raise NotImplementedError(f"{type(self).__name__} does not quantize the whole cache")
 
+    # --- the authors' eviction of scope == "cache" methods (H2O, Q-Hitter) ----------------------
+    @property
+    def per_step(self) -> bool:
+        """True: the prefill-decode / decode policies call `step_cache` for each layer at every flush
+        (a cache re-decided after every call) instead of `quantize_cache` once after the prefill."""
+        return False
+
+    @property
+    def per_query(self) -> bool:
+        """True: the fake protocol stores each chunk through `store_tokens` and masks keys per query
+        with `query_keep` (a teacher-forced simulation of the per-step rule) instead of one keep set
+        from `quantize_cache` for every query."""
+        return False
+
+    def step_cache(self, k: torch.Tensor, v: torch.Tensor, ctx: LayerContext, keep: torch.Tensor | None,
+                   new: int, state: dict) -> tuple[Quantized, Quantized]:
+        """One flush of a `per_step` method on one layer's span of stored tokens k, v [b, kvh, n, d].
+
+        The last `new` tokens entered the span since the previous flush (full precision); the others
+        are stored as this method left them. `keep` [b, kvh, n] is the current keep mask (None = all
+        kept; an evicted token must stay evicted), `ctx.attention` the attention each token received
+        so far (accumulated over every call, evicted tokens masked), `state` a dict the policy keeps
+        per layer and sequence for the method. Returns per K and V a `Quantized` whose `x` is the
+        stored form of the `new` tokens only [b, kvh, new, d], `keep` the mask of the whole span and
+        `bits` the bits of the whole span as it now stands (kept tokens only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-step cache rule")
+
+    def store_tokens(self, k: torch.Tensor, v: torch.Tensor, state: dict) -> tuple[Quantized, Quantized]:
+        """`per_query` methods, fake protocol: the stored form of a chunk entering the cache (bits of
+        all its tokens, none evicted yet); `state` is the layer's dict for `query_keep`."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-query simulation")
+
+    def query_keep(self, logits: torch.Tensor, n_groups: int, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_query` methods, fake protocol: from one call's fp32 attention logits [b, heads, q, kv]
+        (-inf where the model forbids a key) the per-query keep mask [b, kvh, q, kv] and the keep set
+        of the cache as it stands after the last query [b, kvh, kv] (what the bits count)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-query simulation")
+
     # --- calibration (needs_calibration) -------------------------------------------------------
     def calibration_needs(self, calib_tokens: int) -> CalibrationNeeds | None:
         """What to capture for `fit` from rows of `calib_tokens` tokens (None: no calibration needed)."""
@@ -227,6 +272,17 @@ class Method:
     @property
     def token_group(self) -> int:
         return 1
+
+    def flush_count(self, kind: Kind, pending: int, stored: int) -> int:
+        """How many of a layer's `pending` fp tokens of `kind` the prefill-decode protocols quantize now.
+
+        Called before each call stores its tokens, per layer and kind ("k", "v"): `pending` counts the
+        trailing stored tokens of that kind not yet quantized (after the sink; the latest call's tokens
+        included), `stored` the tokens the layer stores. The oldest `n` of them are handed to `quantize`
+        (0 = none now); keys and values may differ (KIVI's authors' rule). Default: every whole
+        `token_group` that left the `residual` window, the same for K and V."""
+        group = self.token_group
+        return max(0, ((pending - self.residual_tokens) // group) * group)
 
     # --- config ---------------------------------------------------------------------------------
     def __post_init__(self) -> None:

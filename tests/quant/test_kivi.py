@@ -49,15 +49,45 @@ def test_kivi_token_group_presets_and_spec_roundtrip():
     assert (m.bits, m.group, m.residual) == (2, 32, 128)
     assert m.token_group == 32 and m.residual_tokens == 128 and m.sink_tokens == 0
     assert parse("kivi-4").bits == 4
-    for spec in ("kivi-2", "kivi-4", "kivi:bits=3,group=16,residual=64", "kivi:bits=2,v_bits=4"):
+    for spec in ("kivi-2", "kivi-4", "kivi:bits=3,group=16,residual=64", "kivi:bits=2,v_bits=4",
+                 "kivi:bits=2,flush=sliding"):
         m = parse(spec)
         assert parse(m.spec) == m
     assert parse("kivi:bits=3,group=16,residual=64").token_group == 16
 
 
+def test_kivi_spec_always_names_the_flush_rule():
+    # the default is the authors' rule; the spec names it, so results stored under the earlier spec
+    # "kivi:bits=2" (kvlab's sliding window then) never share a key with the new default
+    assert parse("kivi-2").flush == "authors"
+    assert parse("kivi-2").spec == "kivi:bits=2,flush=authors"
+    assert parse("kivi:bits=2,flush=sliding").spec == "kivi:bits=2,flush=sliding"
+    assert parse("kivi:bits=2").spec != "kivi:bits=2"
+    assert parse("kivi:bits=2,flush=sliding") != parse("kivi:bits=2")
+
+
+@pytest.mark.parametrize("pending", range(0, 70))
+def test_kivi_flush_count_rules(pending):
+    """authors (`models/llama_kivi.py` of jy-yuan/KIVI, lines 131-144 and 193-202 for keys, 174-187 and
+    210-220 for values): keys floor(pending / R) * R, values max(0, pending - R); sliding: whole groups
+    of `group` beyond R, K and V alike (kvlab's earlier rule, `Method.flush_count`)."""
+    authors = KIVI(bits=2, group=4, residual=16)
+    sliding = KIVI(bits=2, group=4, residual=16, flush="sliding")
+    assert authors.flush_count("k", pending, 100) == (pending // 16) * 16
+    assert authors.flush_count("v", pending, 100) == max(0, pending - 16)
+    old = max(0, ((pending - 16) // 4) * 4)
+    assert sliding.flush_count("k", pending, 100) == old == sliding.flush_count("v", pending, 100)
+    left_k, left_v = pending - authors.flush_count("k", pending, 100), pending - authors.flush_count("v", pending, 100)
+    assert 0 <= left_k < 16 and left_v == min(pending, 16)      # 0..R-1 fp keys, R fp values
+    # residual 0 (the authors' code divides by R): keys in whole groups, values at once
+    r0 = KIVI(bits=2, group=4, residual=0)
+    assert r0.flush_count("k", pending, 100) == (pending // 4) * 4 and r0.flush_count("v", pending, 100) == pending
+
+
 @pytest.mark.parametrize("spec,field", [
     ("kivi:bits=0", "bits"), ("kivi:bits=9", "bits"), ("kivi:group=0", "group"),
     ("kivi:residual=100", "residual"), ("kivi:v_bits=12", "v_bits"), ("kivi:residual=-1", "residual"),
+    ("kivi:flush=window", "flush"), ("kivi:residual=100,flush=sliding", "residual"),
 ])
 def test_kivi_invalid_configs_name_the_field(spec, field):
     with pytest.raises(KVLabError, match=f"'{field}'"):

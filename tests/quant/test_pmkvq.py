@@ -10,9 +10,13 @@ from kvlab.quant.methods.pmkvq import PMKVQ
 
 from quant_helpers import token_ctx as ctx
 
+# kvlab's former behaviour (the defaults follow the authors' code since issue 14; see the module docstring)
+FORMER = dict(reparam="none", shrink="direct", count_window=False, flush_block=False)
+FORMER_SPEC = "reparam=none,shrink=direct,count_window=false,flush_block=false"
+
 
 def test_pmkvq_halves_exactly_when_budget_is_crossed():
-    m = PMKVQ(budget=4.0, max_tokens=1024, allocation="uniform", sink=1, residual=128)
+    m = PMKVQ(budget=4.0, max_tokens=1024, allocation="uniform", sink=1, residual=128, **FORMER)
     assert m.allocated_bits(2) == [4, 4]
     # budget_l = 4 * 1024 = 4096 bit-slots; quantized tokens n at 16 bits while 16 n <= 4096 <=> n <= 256
     assert m.layer_bits(0, 2, 256 + 129, 256) == (16, False)
@@ -25,7 +29,7 @@ def test_pmkvq_halves_exactly_when_budget_is_crossed():
     assert m.layer_bits(0, 2, 10_000, 9_871) == (2, True)
     # the authors' rule also charges the fp16 sink + window (129 tokens -> 16 * 129 = 2064):
     # 16 bits while 2064 + 16 n <= 4096 <=> n <= 127 quantized tokens (256 total)
-    w = PMKVQ(budget=4.0, max_tokens=1024, allocation="uniform", count_window=True)
+    w = PMKVQ(budget=4.0, max_tokens=1024, allocation="uniform", **{**FORMER, "count_window": True})
     assert w.layer_bits(0, 2, 256, 127) == (16, False)
     assert w.layer_bits(0, 2, 257, 128) == (8, False)              # 2064 + 16 * 128 = 4112 > 4096
     assert w.layer_bits(0, 2, 383, 254)[0] == 8                    # 2064 + 8 * 254 = 4096
@@ -51,8 +55,9 @@ def test_pmkvq_halves_exactly_when_budget_is_crossed():
 
 def test_pmkvq_sensitivity_allocation_and_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("KVLAB_CACHE", str(tmp_path))
-    m = PMKVQ(budget=3.0)
-    assert m.needs_calibration and not PMKVQ(allocation="uniform").needs_calibration
+    m = PMKVQ(budget=3.0, **FORMER)
+    assert m.needs_calibration and not PMKVQ(allocation="uniform", **FORMER).needs_calibration
+    assert PMKVQ(allocation="uniform").needs_calibration          # reparam="authors" calibrates its scales
     with pytest.raises(KVLabError, match="kvlab.calibrate"):
         m.quantize(torch.randn(1, 1, 4, 8), ctx("k", 4))
     # hand-made sensitivities: layer 1 is the sensitive one
@@ -65,7 +70,7 @@ def test_pmkvq_sensitivity_allocation_and_calibration(tmp_path, monkeypatch):
 
     lm = tiny("llama")
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    cal = calibrate(lm, PMKVQ(budget=4.0, max_tokens=96), ids=ids)
+    cal = calibrate(lm, PMKVQ(budget=4.0, max_tokens=96, **FORMER), ids=ids)
     k, v = cal.state["k"], cal.state["v"]
     assert k.shape == v.shape == (2, 3) and (k > 0).all() and (v > 0).all()
     assert (k[:, 0] > k[:, 1]).all() and (k[:, 1] > k[:, 2]).all()
@@ -91,9 +96,9 @@ def test_pmkvq_sensitivity_allocation_and_calibration(tmp_path, monkeypatch):
             xh, _ = quantize_uniform(x, bits, dim=-1, group=16)
             want = ((xh - x) * g).abs().mean().double()
             assert float(k[layer, c]) == pytest.approx(float(want), rel=1e-6)   # same ops, float64 at the end
-    again = calibrate(lm, PMKVQ(budget=4.0, max_tokens=96), ids=ids)   # from the disk cache
+    again = calibrate(lm, PMKVQ(budget=4.0, max_tokens=96, **FORMER), ids=ids)   # from the disk cache
     assert torch.equal(again.state["k"], k)
-    other_budget = calibrate(lm, PMKVQ(budget=3.0, max_tokens=96), ids=ids)   # same sensitivities, other allocation
+    other_budget = calibrate(lm, PMKVQ(budget=3.0, max_tokens=96, **FORMER), ids=ids)   # same sensitivities, other allocation
     assert torch.equal(other_budget.state["k"], k)
 
 
@@ -105,7 +110,7 @@ def test_pmkvq_bits_of_several_sequences_in_prefill_decode():
     from kvlab.calibration import calibrate
 
     lm = kvlab.tiny("llama")
-    m = calibrate(lm, "pmkvq:budget=3.0,max_tokens=64,residual=8", n_tokens=256, window=64)
+    m = calibrate(lm, "pmkvq:budget=3.0,max_tokens=64,residual=8," + FORMER_SPEC, n_tokens=256, window=64)
     ids = torch.randint(3, 300, (1, 64), generator=torch.Generator().manual_seed(0))
     got = []
     for n in (1, 2, 3):

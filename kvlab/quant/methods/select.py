@@ -18,7 +18,7 @@ Spec strings (they must survive `kvlab.quant.parse`, which splits fields on comm
 * `kind`:   "k", "v" or "kv".
 
 The wrapper declares what the core needs exactly as its inner method does (`needs_attention`,
-`scope`, `key_site`, `token_group`, `sink`, `residual`, `n_recent`, `rewrites_stored`,
+`scope`, `key_site`, `token_group`, `flush_count`, `sink`, `residual`, `n_recent`, `rewrites_stored`,
 `needs_calibration` + `calibration_needs` / `fit`), so the inner method runs under the same conditions as it would
 alone; tensors of unselected layers/kinds are returned untouched and accounted at 16 bits. The
 core's sink and residual windows apply to every layer (they are full precision either way).
@@ -181,6 +181,10 @@ class Select(Method):
     @property
     def token_group(self) -> int:
         return self._inner.token_group
+
+    def flush_count(self, kind, pending: int, stored: int) -> int:
+        """The inner method's flush rule (KIVI's authors' rule included), for every layer and kind."""
+        return self._inner.flush_count(kind, pending, stored)
 
     def calibration_needs(self, calib_tokens: int):
         """The inner method's (all layers: calibration is shared per inner config)."""
