@@ -6,6 +6,10 @@ the next `--steps` tokens one per forward with `past_key_values`, and time only 
 
     python benchmarks/bench_decode.py [--prefill 2048] [--steps 64] [--repeats 3] [--clock wall|cpu]
                                       [--memory-tokens 8192] [--threads N] [--model smollm2-135m]
+                                      [--device cpu|cuda|cuda:N] [--dtype float32|bfloat16|float16]
+
+`--device` / `--dtype` default to kvlab's defaults (`kvlab.load`: cuda when visible, bf16 on such
+GPUs, else cpu and float32); `benchmarks/gpu_check.sh` runs this with `--device cuda --dtype bfloat16`.
 
 With the defaults and one thread, about 5 minutes for the times and 3 for the memory (a fresh
 process and an 8k prefill per configuration, one per core at a time) on a 2-core CPU, measured
@@ -167,7 +171,7 @@ def _torch_cpu_peaks(prof) -> tuple[int, int]:
 def memory_child(args) -> None:
     """Runs in a fresh process: one configuration at `--memory-tokens`; prints one JSON line."""
     method = dict((c[0], c[1]) for c in CONFIGS)[args.memory_child]
-    lm = kvlab.load(args.model)
+    lm = kvlab.load(args.model, device=args.device, dtype=args.dtype)
     ids = _ids(lm, args.memory_tokens)
     prefill = args.memory_tokens - MEMORY_STEPS
     decode(lm, ids[:, :36], 32, method)           # first calls (imports, lazily made state) before measuring
@@ -207,6 +211,7 @@ def run_memory(args) -> dict[str, dict]:
             log = tempfile.TemporaryFile(mode="w+")              # a file, not a pipe: no child can block on it
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--memory-tokens",
                    str(args.memory_tokens), "--threads", str(args.threads), "--model", args.model]
+            cmd += (["--device", args.device] if args.device else []) + (["--dtype", args.dtype] if args.dtype else [])
             running.append((name, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)))
         for name, log, proc in running:
             proc.wait()
@@ -251,6 +256,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="time judged against the targets: wall clock, or this process's CPU time (steadier on "
                          "a loaded machine with --threads 1; with more threads it counts their spinning too)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: kvlab's default device)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (default: float32 on CPU, bfloat16 on GPUs that support it)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.threads = pin_threads(args.threads, default=os.cpu_count() or 1)
@@ -258,10 +266,11 @@ def main() -> None:
         memory_child(args)
         return
 
-    lm = kvlab.load(args.model)
+    lm = kvlab.load(args.model, device=args.device, dtype=args.dtype)
     ids = _ids(lm, args.prefill + args.steps)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"model {lm.name}, torch {torch.__version__}, device {lm.device}, threads {torch.get_num_threads()}, "
+    print(f"model {lm.name}, torch {torch.__version__}, device {lm.device}, "
+          f"dtype {str(lm.model.dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}, "
           f"CPU {_cpu_name()} ({os.cpu_count()} cores), load average {load}")
     configs, targets = [], {}
     for name, method, target, _ in CONFIGS:

@@ -5,6 +5,10 @@ Prints identity/bare, int4/bare and stats/bare (attention statistics) for one fa
 Also prints a plain forward hook doing per-token int4 on k_proj/v_proj outputs as the floor.
 
     python benchmarks/bench_hooks.py [--tokens 2048] [--repeats 5] [--model smollm2-135m]
+                                     [--device cpu|cuda|cuda:N] [--dtype float32|bfloat16|float16]
+
+`--device` / `--dtype` default to kvlab's defaults (`kvlab.load`: cuda when visible, bf16 on such GPUs,
+else cpu and float32); `benchmarks/gpu_check.sh` runs this with `--device cuda --dtype bfloat16`.
 """
 from __future__ import annotations
 
@@ -45,11 +49,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: kvlab's default device)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (default: float32 on CPU, bfloat16 on GPUs that support it)")
     args = ap.parse_args()
-    lm = kvlab.load(args.model)
+    lm = kvlab.load(args.model, device=args.device, dtype=args.dtype)
     model = lm.model
     ids = kvlab.data.tokens(lm.tokenizer, "wiki", args.tokens)[None].to(lm.device) if lm.tokenizer is not None \
-        else torch.randint(3, 300, (1, args.tokens))
+        else torch.randint(3, 300, (1, args.tokens)).to(lm.device)
 
     def bare():
         model(ids)
@@ -83,7 +90,8 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {lm.name}, {args.tokens} tokens, {args.repeats} interleaved repeats, device {lm.device}, "
-          f"threads {torch.get_num_threads()}; bare forward {med['bare'] * 1000:.0f} ms")
+          f"dtype {str(model.dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}; "
+          f"bare forward {med['bare'] * 1000:.0f} ms")
     targets = {"identity": 1.02, "int4": 1.05, "stats": 2.0, "plain-hook-int4": None}
     for k, target in targets.items():
         ratio = med[k] / med["bare"]

@@ -157,7 +157,12 @@ def load(
     is missing or lacks one of these is a KVLabError saying which. A name counts as a folder when it
     exists, starts with /, ./, ../ or ~, or has more than one "/"; `org/name` is a hub id.
 
-    `device_map` (e.g. "auto") spreads a large model over GPUs/CPU with accelerate; it overrides `device`.
+    `device_map` (e.g. "auto", or a dict of module names to devices, "cpu" or "disk") spreads a model
+    over GPUs/CPU/disk with accelerate; it overrides `device`. Tiny models are dispatched with
+    accelerate's `dispatch_model` (as `from_pretrained` does for checkpoints), so accelerate's hooks
+    wrap their modules too; "disk" entries are offloaded to a temporary folder kept alive in
+    `LoadedModel.extra["offload_dir"]`. The default dtype of a device_map load is that of the map's
+    first GPU, float32 when it names only cpu/disk.
     The device is checked before any weights are read (`check_device`): a missing GPU or CUDA build
     is a KVLabError naming the fix, not torch's AssertionError.
     """
@@ -165,10 +170,14 @@ def load(
     device = check_device(device) if device is not None or not device_map else None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device or "cuda")
+    dtype = dtype or default_dtype(device or _map_device(device_map))
     if name.startswith("tiny-"):
         lm = tiny(name[len("tiny-"):])
-        lm.model.to(device=device or "cpu", dtype=dtype)
+        if device_map:
+            lm.model.to(dtype=dtype)
+            _dispatch(lm, device_map)
+        else:
+            lm.model.to(device=device or "cpu", dtype=dtype)
         return lm
     if name in EMBEDDED:
         path = _embedded_cache(name)
@@ -186,11 +195,63 @@ def _from_pretrained(path: str, model_id: str, name: str, device, dtype, device_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    offload = _offload_dir(device_map)
+    extra = {"offload_dir": offload} if offload is not None else {}
+    if offload is not None:
+        kw = {**kw, "offload_folder": offload.name}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kw)
     if device_map is None:
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, model.config, model_id, name)
+    return LoadedModel(model, tokenizer, model.config, model_id, name, extra)
+
+
+def _map_device(device_map) -> str:
+    """The device whose default dtype a `device_map` load gets: the map's first GPU, else cpu (a strategy
+    such as "auto": the default device)."""
+    if not device_map:
+        return "cuda"
+    if isinstance(device_map, str):
+        return default_device()
+    for t in device_map.values():
+        if isinstance(t, int) and not isinstance(t, bool):
+            return f"cuda:{t}"
+        if t != "disk" and torch.device(t).type not in ("cpu", "meta"):
+            return str(t)
+    return "cpu"
+
+
+def _offload_dir(device_map):
+    """A temporary folder for a map's "disk" entries (None without any); removed when the LoadedModel that
+    keeps it in `extra["offload_dir"]` is garbage collected."""
+    if not isinstance(device_map, dict) or "disk" not in device_map.values():
+        return None
+    import tempfile
+    return tempfile.TemporaryDirectory(prefix="kvlab-offload-")
+
+
+def _dispatch(lm: LoadedModel, device_map) -> None:
+    """Spread a model built in memory over devices with accelerate's `dispatch_model` (hooks move inputs and
+    offloaded weights as `from_pretrained(device_map=...)` does). A strategy ("auto", "balanced",
+    "balanced_low_0", "sequential") is turned into a map the way transformers does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    model = lm.model
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        memory = get_max_memory() if device_map == "sequential" else \
+            get_balanced_memory(model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    offload = _offload_dir(device_map)
+    if offload is not None:
+        lm.extra["offload_dir"] = offload
+    try:
+        lm.model = dispatch_model(model, device_map=device_map, offload_dir=offload.name if offload else None)
+    except (ValueError, KeyError) as exc:
+        why = str(exc).splitlines()[0][:200]
+        raise KVLabError(f"device_map for {lm.name}: accelerate cannot dispatch it ({why}); name every "
+                         f"top-level module, e.g. {sorted(n for n, _ in model.named_children())}") from None
 
 
 _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")

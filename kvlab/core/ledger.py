@@ -1,15 +1,19 @@
 """The bit and error ledger: what a session stored, per layer and tensor, and the reports built from it.
 
 Bits and squared errors are accumulated as device tensors (a method never syncs with the host) and
-read once, when a report is asked for; element counts are plain integers kept on the host. Every
-relative error is a ratio of norms and every bits figure a ratio of non-negative counts, so no
-report entry can be negative.
+read once, when a report is asked for; element counts are plain integers kept on the host. Squared
+errors and norms are float32 whatever the model's dtype, and a bits tensor a method hands over in
+bf16 or fp16 (bf16 counts stop being exact at 256, fp16 overflows at 65504) is widened to float32
+before it is booked; other dtypes are booked as they come. Every relative error is a ratio of
+norms and every bits figure a ratio of non-negative counts, so no report entry can be negative.
 """
 from __future__ import annotations
 
 import torch
 
 from ..quant.base import Quantized
+
+_NARROW = (torch.float16, torch.bfloat16)      # bits in these dtypes are widened to float32 when booked
 
 
 class Ledger:
@@ -41,11 +45,12 @@ class Ledger:
             diff = diff * q.keep[..., None]
         err2 = torch.linalg.vector_norm(diff, dtype=torch.float32).square()
         norm2 = torch.linalg.vector_norm(x, dtype=torch.float32).square()
+        bits = q.bits.float() if q.bits.dtype in _NARROW else q.bits     # bf16/fp16 counts: widened
         self.version += 1
         if replace:
-            self.region[(layer, kind)] = (q.bits, err2, norm2)
+            self.region[(layer, kind)] = (bits, err2, norm2)
         else:
-            self._add(self.bits, (layer, kind), q.bits)
+            self._add(self.bits, (layer, kind), bits)
             self._add(self.err2, (layer, kind), err2)
             self._add(self.norm2, (layer, kind), norm2)
 

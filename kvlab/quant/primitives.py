@@ -4,6 +4,19 @@ Conventions: tensors are `[batch, kv_heads, tokens, head_dim]`. A *group* shares
 zero point): `dim=-1` groups run along head_dim (per-token quantization), `dim=-2` groups run
 along tokens (per-channel quantization, KIVI/KVQuant keys). `group=None` makes the whole extent of
 `dim` one group. Scales and zero points are rounded to fp16, as a packed cache stores them.
+
+Dtypes (models run in fp32, bf16 or fp16): every primitive computes in fp32 whatever the input
+dtype, and returns dequantized tensors in the input's dtype and bits as float32 0-d tensors.
+bf16 has 8 significant bits and fp16 overflows at 65504, so min-max ranges (mx - mn), scales,
+zero points, means and variances, k-means sums, Hadamard products and bit counts taken in the
+input dtype would be coarse or infinite; upcasting the input once (`.float()`, a no-op on fp32)
+keeps fp32 results bit-identical and makes a bf16/fp16 result equal to the fp32 computation on
+the upcast input, cast back. Constants are made as explicit float32 (never torch's default
+dtype). What a packed cache stores as fp16 (scales, zero points, means, codebooks, outlier
+values) is rounded with `_fp16`, which saturates at +-65504: a bf16 (or fp32) value beyond fp16's
+range is stored as the largest fp16 number rather than inf (which would turn the whole group into
+NaN); within fp16's range the rounding is unchanged. Callers that rotate (`hadamard_matrix`) ask
+for a float32 matrix and multiply the upcast tensor.
 """
 from __future__ import annotations
 
@@ -16,6 +29,15 @@ from ..errors import KVLabError
 
 SCALE_BITS = 16   # one fp16 scale per group
 ZERO_BITS = 16    # one fp16 zero point per group (asymmetric only)
+F16_MAX = float(torch.finfo(torch.float16).max)    # 65504: an fp16 field saturates here (`_fp16`)
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to what an fp16 field stores (scales, zero points, offsets, codebooks), as float32.
+
+    Saturating: values beyond +-65504 (possible in bf16 and fp32 models) become +-65504, not inf;
+    NaN stays NaN. Every finite value within fp16's range rounds exactly as `t.half()` does."""
+    return t.float().clamp(-F16_MAX, F16_MAX).half().float()
 
 
 def _grouped(x: torch.Tensor, dim: int, group: int | None) -> tuple[torch.Tensor, int]:
@@ -51,7 +73,7 @@ def _scalar_bits(bits, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     key = (float(bits), torch.device(device))
     if key not in _CONSTANTS:
         with torch.inference_mode(False):        # ordinary tensors, usable inside and outside inference mode
-            b = torch.tensor(float(bits), device=device)
+            b = torch.tensor(float(bits), dtype=torch.float32, device=device)
             _CONSTANTS[key] = (b, 2.0 ** b - 1, torch.zeros_like(b))
     return _CONSTANTS[key]
 
@@ -85,22 +107,22 @@ def quantize_uniform(x: torch.Tensor, bits, *, dim: int = -1, group: int | None 
         if (b < 2).any() if torch.is_tensor(bits) else float(bits) < 2:
             raise KVLabError("symmetric uniform quantization needs bits >= 2 (use symmetric=False for 1 bit)")
         half = 2.0 ** (b - 1) - 1
-        scale = (xf.abs().amax(-1, keepdim=True) / half).half().float().clamp_min(1e-8)
+        scale = _fp16(xf.abs().amax(-1, keepdim=True) / half).clamp_min(1e-8)
         q = torch.round(xf / scale).clamp(min=-half - 1, max=half)
         xh = q * scale
         meta = SCALE_BITS
     else:
         mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
         if center == "mean":
-            mu = xf.mean(-1, keepdim=True).half().float()
-            scale = ((mx - mn) / 2.0 ** b).half().float().clamp_min(1e-8)
+            mu = _fp16(xf.mean(-1, keepdim=True))
+            scale = _fp16((mx - mn) / 2.0 ** b).clamp_min(1e-8)
             q = torch.round((xf - mu) / scale).clamp(min=-(2.0 ** (b - 1)), max=2.0 ** (b - 1) - 1)
             xh = mu + q * scale
         elif center == "minmax":
-            mn = mn.half().float()
+            mn = _fp16(mn)
             levels, zero = _scalar_bits(bits, x.device)[1:] if not torch.is_tensor(bits) else \
                 (2.0 ** b - 1, torch.zeros_like(b))
-            scale = ((mx - mn) / levels).half().float().clamp_min(1e-8)
+            scale = _fp16((mx - mn) / levels).clamp_min(1e-8)
             q = torch.round((xf - mn) / scale).clamp(min=zero, max=levels)
             xh = mn + q * scale
         else:
@@ -125,7 +147,7 @@ def _plain_total(bits: float, numel: int, rows: int, pad: int, n_groups: int, me
     """`quantize_uniform`'s total bits for a plain bit width: b * elements - b * rows * pad + groups * meta
     in float32 tensor arithmetic with b a 0-d float32 tensor (the operations a tensor `bits` of 0 dims
     goes through), done once per shape and kept: a decode step asks for the same shapes in every layer."""
-    b = torch.tensor(bits)
+    b = torch.tensor(bits, dtype=torch.float32)
     code_bits = b * numel
     if pad:
         code_bits = code_bits - b * rows * pad
@@ -188,17 +210,14 @@ def _groups(x: torch.Tensor, dim: int = -1, group: int | None = None, level: str
 
 
 def _masked_mean_std(xg: torch.Tensor, keep: torch.Tensor):
-    """Mean and (population) std over the last axis of `xg`, counting only `keep` elements."""
+    """Mean and (population) std over the last axis of `xg`, counting only `keep` elements (in fp32:
+    a bf16 count stops being exact at 256 elements)."""
+    xg = xg.float()
     w = keep.to(xg.dtype)
     cnt = w.sum(-1, keepdim=True).clamp_min(1.0)
     mu = (xg * w).sum(-1, keepdim=True) / cnt
     var = (((xg - mu) * w) ** 2).sum(-1, keepdim=True) / cnt
     return mu, var.sqrt()
-
-
-def _fp16(t: torch.Tensor) -> torch.Tensor:
-    """Round to what an fp16 field stores (scales, offsets, codebooks)."""
-    return t.half().float()
 
 
 def quantize_grouped(x: torch.Tensor, bits, level: str = "token", group: int | None = None, *,
@@ -259,7 +278,8 @@ def quantize_normal(x: torch.Tensor, bits: int, *, dim: int = -1, group: int | N
     idx = torch.bucketize(((xf - mu) / sd).contiguous(), edges)
     xh = mu + sd * levels[idx]
     n_groups = xg.shape[:-1].numel()
-    total = torch.tensor(float(bits) * x.numel() + n_groups * (SCALE_BITS + ZERO_BITS), device=x.device)
+    total = torch.tensor(float(bits) * x.numel() + n_groups * (SCALE_BITS + ZERO_BITS), dtype=torch.float32,
+                         device=x.device)
     return restore(xh).to(x.dtype), total
 
 
@@ -316,7 +336,7 @@ def kmeans_codebook(values: torch.Tensor, bits: int, weights: torch.Tensor | Non
 
 def uniform_codebook(bits: int, device=None) -> torch.Tensor:
     """The 2^b evenly spaced levels in [-1, 1]: with min-max normalisation this is plain asymmetric int-b."""
-    return torch.linspace(-1.0, 1.0, 2 ** int(bits), device=device)
+    return torch.linspace(-1.0, 1.0, 2 ** int(bits), dtype=torch.float32, device=device)
 
 
 def round_to_codebook(z: torch.Tensor, codebook: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,7 +353,7 @@ def round_to_codebook(z: torch.Tensor, codebook: torch.Tensor, levels: torch.Ten
 
 def codebook_bits(codebook: torch.Tensor) -> torch.Tensor:
     """Bits to store a codebook: 16 per entry (fp16). Count it once per layer (KVQuant per-layer LUT)."""
-    return torch.tensor(16.0 * codebook.numel(), device=codebook.device)
+    return torch.tensor(16.0 * codebook.numel(), dtype=torch.float32, device=codebook.device)
 
 
 def quantize_to_codebook(x: torch.Tensor, codebook: torch.Tensor, *, dim: int = -1, group: int | None = None,
@@ -352,7 +372,7 @@ def quantize_to_codebook(x: torch.Tensor, codebook: torch.Tensor, *, dim: int = 
     """
     k = codebook.numel()
     code = float(math.ceil(math.log2(k))) if k > 1 else 0.0
-    meta = torch.zeros((), device=x.device)
+    meta = torch.zeros((), dtype=torch.float32, device=x.device)
     if offset is None and scale is None:
         offset, scale, n_groups = group_minmax(x, dim=dim, group=group, level=level, exclude=exclude)
         meta = meta + n_groups * (SCALE_BITS + ZERO_BITS)
@@ -448,7 +468,7 @@ def merge_outliers(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     """Put the full-precision outliers back: x where mask else x_hat (fp16-rounded, as stored)."""
     if mask is None:
         return x_hat
-    return torch.where(mask, x.half().to(x.dtype), x_hat)
+    return torch.where(mask, _fp16(x).to(x.dtype), x_hat)
 
 
 def outlier_bits(mask: torch.Tensor | None) -> torch.Tensor:
@@ -495,7 +515,8 @@ def qnorm(x_hat: torch.Tensor, x: torch.Tensor, *, dim: int = -1, group: int | N
     hg, _, restore = _groups(x_hat, dim, group, level)
     out = torch.where(keep, a * hg.float() + c, hg.float())
     n_groups = hg.shape[:-1].numel()
-    return restore(out).to(x_hat.dtype), torch.tensor(float(n_groups * (SCALE_BITS + ZERO_BITS)), device=x.device)
+    return restore(out).to(x_hat.dtype), torch.tensor(float(n_groups * (SCALE_BITS + ZERO_BITS)), dtype=torch.float32,
+                                                       device=x.device)
 
 
 def quantile_along(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
@@ -590,7 +611,10 @@ def hadamard_matrix(n: int, device=None, dtype: torch.dtype = torch.float32) -> 
     product (see `_hadamard_pm1`; a KVLabError names the orders it can build).
 
     Built once per (n, device, dtype) and cached: the returned tensor is shared, never modify it
-    in place. Created outside inference mode, so it can be used in and out of it.
+    in place. Created outside inference mode, so it can be used in and out of it. Rotate in float32
+    (the default): 1/sqrt(n) is not exact in bf16/fp16 for odd powers of two (n = 128: an error of
+    up to 2^-9 per entry in bf16), so a low-precision H is not orthogonal to within the rounding of
+    the rotated values; multiply the upcast tensor (`x.float() @ H`, as `kvlab/quant/methods/quarot.py` does).
     """
     key = (n, torch.device(device if device is not None else "cpu"), dtype)
     h = _HADAMARD.get(key)
