@@ -23,7 +23,7 @@ _LAZY = {
     "Store": "store", "calibrate": "calibration",
 }
 _SUBMODULES = {"quant", "data", "models", "hooks", "evaluation", "calibration", "core", "protocols", "metrics",
-               "store", "sweep", "plots", "notebook", "tasks", "choice", "summarize", "retrieval"}
+               "store", "sweep", "plots", "notebook", "tasks", "choice", "summarize", "retrieval", "pack"}
 __all__ = ["KVLabError", "__version__", *_LAZY, *sorted(_SUBMODULES)]
 
 

@@ -293,7 +293,11 @@ class KVQuant(Method):
         return (None if cb is None else cb.cpu()), qn
 
     # ------------------------------------------------------------------ quantization
-    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+    def encoding(self, x: torch.Tensor, ctx: LayerContext) -> dict:
+        """What `quantize` stores x with (also read by `kvlab.pack`): {"codebook": [2^b] decision levels,
+        "levels": reconstruction levels (Q-Norm) or None, "qnorm": (a, b) or None, "offset", "scale":
+        broadcastable to x (before fp16 rounding), "mask": outliers or None, "meta_bits": online metadata
+        bits, "lo", "hi": calibrated key thresholds [1, H, 1, D] or None}."""
         cal = self.fitted().on(x.device) if self.needs_calibration else {}
         layer = ctx.layer
         lo = hi = None
@@ -307,11 +311,18 @@ class KVQuant(Method):
         if mask is not None and ctx.kind == "k" and self.cap_outliers:
             n_cap = cap_count(float(self.outliers), x.shape[1] * x.shape[3])
             mask = cap_outlier_mask((x.float() - off) / scl, mask, n_cap)
-        levels = None
+        levels = qn = None
         if self.qnorm:
-            a, b = cal[f"{ctx.kind}_qn"][layer]
+            qn = cal[f"{ctx.kind}_qn"][layer]
+            a, b = qn
             levels = a * cb + b
-        xh, code_bits = quantize_to_codebook(x, cb, offset=off, scale=scl, levels=levels)
+        return {"codebook": cb, "levels": levels, "qnorm": qn, "offset": off, "scale": scl, "mask": mask,
+                "meta_bits": bits, "lo": lo, "hi": hi}
+
+    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+        e = self.encoding(x, ctx)
+        cb, mask, bits, lo = e["codebook"], e["mask"], e["meta_bits"], e["lo"]
+        xh, code_bits = quantize_to_codebook(x, cb, offset=e["offset"], scale=e["scale"], levels=e["levels"])
         if mask is not None:
             xh = torch.where(mask, x.half().to(x.dtype), xh)
             bits = bits + outlier_bits(mask).to(x.device)

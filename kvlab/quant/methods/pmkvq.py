@@ -225,8 +225,11 @@ class PMKVQ(Method):
             return None
         return self.fitted().on(device)["rep_scales"][layer]
 
-    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
-        b, h, t, d = x.shape
+    def width(self, x: torch.Tensor, ctx: LayerContext) -> tuple[int, bool, int]:
+        """(width, over_budget, window) of this call: the code width the quantized tokens are stored at
+        (16: fp16, no codes), whether the layer is over its budget, and how many trailing tokens stay in
+        the authors' fp window. `quantize` stores x[..., :t - window, :] at that width (packing reads it too)."""
+        t = x.shape[-2]
         total = ctx.total_tokens if ctx.total_tokens is not None else ctx.start + t
         history = ctx.previous is not None          # prefill-decode / decode; None: fake
         # the authors' window: what the last block flush left (only where the core hands the whole region)
@@ -237,6 +240,13 @@ class PMKVQ(Method):
                                         int(ctx.previous.get("bits", self.init_bits)))
         else:
             bits, over = self.layer_bits(ctx.layer, ctx.num_layers, total, q)
+        return bits, over, window
+
+    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+        b, h, t, d = x.shape
+        history = ctx.previous is not None          # prefill-decode / decode; None: fake
+        bits, over, window = self.width(x, ctx)
+        q = t - window
         g = min(self.group, d)
         if d % g:
             raise KVLabError(f"pmkvq: group={self.group} does not divide head_dim={d}; use a divisor of {d}")
@@ -248,9 +258,9 @@ class PMKVQ(Method):
             if s is None:
                 xh, total_bits = quantize_uniform(xq, bits, dim=-1, group=g)
             else:                   # K_hat = s * Q(K / s): the authors' k_proj / s, q_proj * s
-                s = s.to(x.dtype)[None, :, None, :]
-                xh, total_bits = quantize_uniform(xq / s, bits, dim=-1, group=g)
-                xh = xh * s
+                s = s.float()[None, :, None, :]      # K / s and s * Q(.) in fp32 (bf16/fp16 models too)
+                xh, total_bits = quantize_uniform(xq.float() / s, bits, dim=-1, group=g)
+                xh = (xh * s).to(x.dtype)
         if window:
             xh = torch.cat([xh, x[..., q:, :]], dim=-2)
             total_bits = total_bits + fp16_bits(x[..., q:, :])

@@ -193,20 +193,8 @@ class QAQ(Method):
         b, h, t, d = x.shape
         if t == 0:
             return Quantized(x, torch.zeros((), device=x.device), info={f"bits_{kind}": x.new_zeros((b, h, 0))})
-        L = ctx.total_tokens if ctx.total_tokens is not None else ctx.start + t
-        att = ctx.attention
-        if self.level == "head":
-            xg = x.float()                                               # groups [b, h, t], n = d
-            tok_dim = 2
-            q_sq = (att.query_norm.float() ** 2)[..., None] if self._measured_q_norm and att is not None else None
-            a_max = att.received_max.float() if (self.attention_aware and att is not None) else None
-        else:                                                            # "layer": groups [b, t], n = h*d
-            xg = x.float().transpose(1, 2).reshape(b, t, h * d)
-            tok_dim = 1
-            q_sq = (att.query_norm.float().amax(1, keepdim=True) ** 2) if self._measured_q_norm and att is not None else None
-            a_max = att.received_max.float().amax(1) if (self.attention_aware and att is not None) else None
-        self._need(kind, att)
-        xh, bits, mask = self._groups(xg, kind, L, ctx.start, tok_dim, q_sq, a_max)
+        xg, args = self._layer_inputs(x, kind, ctx)
+        xh, bits, mask = self._groups(xg, kind, *args)
         if self.booking == "authors":
             total = self._authors_bits(bits.sum(), xg.shape[-1], xg.numel(), bits.numel())
         else:
@@ -220,6 +208,34 @@ class QAQ(Method):
             bmap = bits[:, None, :].expand(b, h, t)
         return Quantized(x_out.to(x.dtype), total.float(), info={f"bits_{kind}": bmap,
                                                                  f"outliers_{kind}": mask.sum()})
+
+    def _layer_inputs(self, x: torch.Tensor, kind: str, ctx: LayerContext):
+        """The groups of one layer (head / layer level), [*G, n] float32, and the rest of `_groups`' arguments."""
+        b, h, t, d = x.shape
+        L = ctx.total_tokens if ctx.total_tokens is not None else ctx.start + t
+        att = ctx.attention
+        if self.level == "head":
+            xg = x.float()                                               # groups [b, h, t], n = d
+            tok_dim = 2
+            q_sq = (att.query_norm.float() ** 2)[..., None] if self._measured_q_norm and att is not None else None
+            a_max = att.received_max.float() if (self.attention_aware and att is not None) else None
+        else:                                                            # "layer": groups [b, t], n = h*d
+            xg = x.float().transpose(1, 2).reshape(b, t, h * d)
+            tok_dim = 1
+            q_sq = (att.query_norm.float().amax(1, keepdim=True) ** 2) if self._measured_q_norm and att is not None else None
+            a_max = att.received_max.float().amax(1) if (self.attention_aware and att is not None) else None
+        self._need(kind, att)
+        return xg, (L, ctx.start, tok_dim, q_sq, a_max)
+
+    def layer_plan(self, x: torch.Tensor, ctx: LayerContext) -> dict:
+        """What `quantize` stores one layer's x with (head / layer level; also read by `kvlab.pack`):
+        {"groups": [*G, n] float32 (head: x itself; layer: [b, t, h*d]), "bits": [*G] int64 widths,
+        "mask": outliers [*G, n], "stats": (min, max, mean, std) [*G] of the non-outliers, "grid"}."""
+        if self.scope != "layer":
+            raise KVLabError(f"qaq: {self.spec} quantizes the whole cache (scope 'cache'); layer_plan is per layer")
+        xg, args = self._layer_inputs(x, ctx.kind, ctx)
+        bits, mask, stats = self._plan(xg, ctx.kind, *args)
+        return {"groups": xg, "bits": bits, "mask": mask, "stats": stats, "grid": self._grid}
 
     # --- token level: one group per token over every layer and head --------------------------------
     def _token_level(self, xs: list[torch.Tensor], kind: str, ctxs: list[LayerContext]) -> list[Quantized]:
@@ -277,6 +293,14 @@ class QAQ(Method):
     def _groups(self, xg: torch.Tensor, kind: str, L: int, start: int, tok_dim: int,
                 q_sq: torch.Tensor | None, a_max: torch.Tensor | None):
         """Quantize groups xg [*G, n]: returns (dequantized [*G, n], bits [*G] int64, outlier mask)."""
+        bits, mask, (mn, mx, mu, sd) = self._plan(xg, kind, L, start, tok_dim, q_sq, a_max)
+        xh = dequant_groups(xg, bits, mn, mx, mu, sd, grid=self._grid, zero=self.zero_bits)
+        xh = torch.where(mask, xg, xh)
+        return xh, bits, mask
+
+    def _plan(self, xg: torch.Tensor, kind: str, L: int, start: int, tok_dim: int,
+              q_sq: torch.Tensor | None, a_max: torch.Tensor | None):
+        """Widths [*G] int64, outlier mask and (min, max, mean, std) of the groups xg [*G, n]."""
         mask = self._outlier_mask(xg)
         mn, mx, mu, sd = group_stats(xg, mask)
         R = mx - mn
@@ -299,9 +323,7 @@ class QAQ(Method):
             shape = [1] * bits.dim()
             shape[tok_dim] = t
             bits = torch.where(recent.view(shape), torch.full_like(bits, self.n_max), bits)
-        xh = dequant_groups(xg, bits, mn, mx, mu, sd, grid=self._grid, zero=self.zero_bits)
-        xh = torch.where(mask, xg, xh)
-        return xh, bits, mask
+        return bits, mask, (mn, mx, mu, sd)
 
     @property
     def _grid(self) -> str:
@@ -382,13 +404,11 @@ def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: s
               k = 0, i.e. mu, with zero="mean".
     normal:   (x - mu) / std mapped to the centre quantile of its bin among 2^B N(0,1) bins.
     """
+    if grid in ("midpoint", "normal"):
+        idx, p0, p1 = encode_groups(xg, bits, mn, mx, mu, sd, grid)
+        return decode_groups(idx, bits, p0, p1, grid)
     b = bits.float()[..., None]
     levels = 2.0 ** b
-    if grid == "midpoint":
-        lo = mn.half().float()[..., None]
-        s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
-        idx = torch.floor((xg - lo) / s).clamp(min=torch.zeros_like(levels), max=levels - 1)
-        return lo + (idx + 0.5) * s
     if grid == "mean":
         m = mu.half().float()[..., None]
         s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
@@ -399,13 +419,37 @@ def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: s
         elif zero != "authors":
             raise KVLabError(f"qaq: unknown zero-bits rule {zero!r}")
         return m + q * s
+    raise KVLabError(f"qaq: unknown grid {grid!r}")
+
+
+def encode_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: str):
+    """The codes of `dequant_groups`' "midpoint" and "normal" grids: (idx [*G, n] float, integers in
+    [0, 2^B - 1]; p0, p1 [*G, 1] fp16-valued float32): midpoint (min, segment width), normal (mean, std)."""
+    levels = 2.0 ** bits.float()[..., None]
+    if grid == "midpoint":
+        lo = mn.half().float()[..., None]
+        s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
+        idx = torch.floor((xg - lo) / s).clamp(min=torch.zeros_like(levels), max=levels - 1)
+        return idx, lo, s
     if grid == "normal":
         m = mu.half().float()[..., None]
         s = sd.half().float()[..., None].clamp_min(1e-8)
         p = torch.special.ndtr((xg - m) / s)
         idx = torch.minimum(torch.floor(p * levels), levels - 1)
-        return m + torch.special.ndtri((idx + 0.5) / levels) * s
-    raise KVLabError(f"qaq: unknown grid {grid!r}")
+        return idx, m, s
+    raise KVLabError(f"qaq: grid {grid!r} has no integer codes here (midpoint, normal)")
+
+
+def decode_groups(idx: torch.Tensor, bits: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, grid: str) -> torch.Tensor:
+    """Dequantize `encode_groups`' codes (p1 is clamped at 1e-8 again: a no-op on the encoder's values, and
+    what an fp16-stored scale needs)."""
+    levels = 2.0 ** bits.float()[..., None]
+    s = p1.clamp_min(1e-8)
+    if grid == "midpoint":
+        return p0 + (idx + 0.5) * s
+    if grid == "normal":
+        return p0 + torch.special.ndtri((idx + 0.5) / levels) * s
+    raise KVLabError(f"qaq: grid {grid!r} has no integer codes here (midpoint, normal)")
 
 
 # Presets, measured on SmolLM2-135M (wiki, 512-token windows, prefill-then-decode, bits of the

@@ -131,15 +131,24 @@ def quantize_rounded_zero(x: torch.Tensor, bits: int, group: int | None) -> tupl
     head_dim): scale = max(mx - mn, 1e-5) / (2^b - 1), zero = clamp(-round(mn / scale), 0, 2^b - 1),
     x_hat = (clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale. Returns (x_hat, total bits:
     b per element + an fp16 scale and zero per group, as `quantize_uniform` counts)."""
+    q, scale, zero, n = rounded_zero_encode(x, bits, group)
+    xh = (q - zero) * scale
+    total = float(bits) * x.numel() + q.shape[:-1].numel() * (SCALE_BITS + ZERO_BITS)
+    return _ungrouped(xh.to(x.dtype), -1, n), torch.tensor(total, dtype=torch.float32, device=x.device)
+
+
+def rounded_zero_encode(x: torch.Tensor, bits: int, group: int | None):
+    """`quantize_rounded_zero`'s codes (also read by `kvlab.pack`): (q [..., n_groups, g] float integers in
+    [0, 2^b - 1], scale [..., n_groups, 1] float32 (not fp16-rounded: the authors' float scale), zero
+    [..., n_groups, 1] float integers in [0, 2^b - 1], head_dim); x_hat = (q - zero) * scale."""
     xg, n = _grouped(x, -1, group)
     xf = xg.float()
     mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
     max_int = float(2 ** bits - 1)
     scale = (mx - mn).clamp(min=1e-5) / max_int
     zero = (-torch.round(mn / scale)).clamp_(0.0, max_int)
-    xh = (torch.clamp(torch.round(xf / scale) + zero, 0.0, max_int) - zero) * scale
-    total = float(bits) * x.numel() + xg.shape[:-1].numel() * (SCALE_BITS + ZERO_BITS)
-    return _ungrouped(xh.to(x.dtype), -1, n), torch.tensor(total, dtype=torch.float32, device=x.device)
+    q = torch.clamp(torch.round(xf / scale) + zero, 0.0, max_int)
+    return q, scale, zero, n
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,19 @@ def rtn_groups(x: torch.Tensor, bits: int, group: int, *, asym: bool, clip_ratio
     `range_has_zero`: min' = clip * min(min, 0), max' = clip * max(max, 0) (QuaRot's ungrouped
     `find_params`, which the per-head key path uses).
     """
+    q, scale, zero = rtn_encode(x, bits, group, asym=asym, clip_ratio=clip_ratio, range_has_zero=range_has_zero)
+    xh = rtn_decode(q, scale, zero)
+    meta = SCALE_BITS + ZERO_BITS if asym else SCALE_BITS
+    n_groups = q.shape[:-1].numel()
+    total = _bits_on(x.device, float(bits * x.numel() + n_groups * meta))
+    return xh.reshape(x.shape), total
+
+
+def rtn_encode(x: torch.Tensor, bits: int, group: int, *, asym: bool, clip_ratio: float,
+               range_has_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`rtn_groups`' codes (also read by `kvlab.pack`): (q [..., d // group, group] float integers,
+    in [0, 2^b - 1] (asym) or [-2^(b-1), 2^(b-1) - 1]; scale [..., d // group, 1] (fp16-valued, clamped at
+    1e-8); zero point [..., d // group, 1] float integers (asym) or None)."""
     d = x.shape[-1]
     xg = x.reshape(*x.shape[:-1], d // group, group)
     hi = xg.amax(-1, keepdim=True)
@@ -98,16 +111,15 @@ def rtn_groups(x: torch.Tensor, bits: int, group: int, *, asym: bool, clip_ratio
         scale = ((hi - lo) / maxq).half().float().clamp_min(1e-8)
         zero = torch.round(-lo / scale)
         q = (torch.round(xg / scale) + zero).clamp(0.0, maxq)
-        xh = scale * (q - zero)
-        meta = SCALE_BITS + ZERO_BITS
-    else:
-        maxq = float(2 ** (bits - 1) - 1)
-        scale = (torch.maximum(lo.abs(), hi) / maxq).half().float().clamp_min(1e-8)
-        xh = scale * torch.round(xg / scale).clamp(-maxq - 1.0, maxq)
-        meta = SCALE_BITS
-    n_groups = xg.shape[:-1].numel()
-    total = _bits_on(x.device, float(bits * x.numel() + n_groups * meta))
-    return xh.reshape(x.shape), total
+        return q, scale, zero
+    maxq = float(2 ** (bits - 1) - 1)
+    scale = (torch.maximum(lo.abs(), hi) / maxq).half().float().clamp_min(1e-8)
+    return torch.round(xg / scale).clamp(-maxq - 1.0, maxq), scale, None
+
+
+def rtn_decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """x_hat = scale * (q - zero) (asym) or scale * q, in the grouped layout of `rtn_encode`."""
+    return scale * (q - zero) if zero is not None else scale * q
 
 
 @register
@@ -148,28 +160,36 @@ class QuaRot(Method):
                     raise KVLabError(f"{self.name}: '{f}' must be >= 2 for symmetric quantization "
                                      f"(asym=false has no 1-bit grid); use asym=true or {f}=2")
 
-    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+    def plan(self, x: torch.Tensor, ctx: LayerContext) -> dict:
+        """How `quantize` stores x (also read by `kvlab.pack`): {"bits", "clip", "group", "range_has_zero",
+        "h": the float32 Hadamard matrix or None (no rotation)}."""
         keys = ctx.kind == "k"
-        bits = self.bits if keys or self.v_bits is None else self.v_bits
-        clip = self.clip_ratio if keys or self.v_clip_ratio is None else self.v_clip_ratio
-        rotate = self.rotate_keys if keys else self.rotate_values
         d = x.shape[-1]
         group = d if self.group is None else self.group
         if group > d or d % group:
             raise KVLabError(f"{self.name}: 'group' ({self.group}) must divide head_dim ({d}): groups are "
                              f"rotated channels of one head vector; use a divisor of {d} or group=none")
-        xf = x.float()
-        if rotate:
+        h = None
+        if self.rotate_keys if keys else self.rotate_values:
             try:
                 h = hadamard_matrix(d, x.device, torch.float32)
             except KVLabError as e:
                 raise KVLabError(f"{self.name}: no Hadamard rotation for head_dim {d} ({e}); use "
                                  f"rotate_keys=false,rotate_values=false (unrotated per-token RTN) or a "
                                  f"method without a rotation (int, kivi)") from None
+        return {"bits": self.bits if keys or self.v_bits is None else self.v_bits,
+                "clip": self.clip_ratio if keys or self.v_clip_ratio is None else self.v_clip_ratio,
+                "group": group, "range_has_zero": keys and group == d, "h": h}
+
+    def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
+        p = self.plan(x, ctx)
+        h = p["h"]
+        xf = x.float()
+        if h is not None:
             xf = xf @ h
-        xh, total = rtn_groups(xf, bits, group, asym=self.asym, clip_ratio=clip,
-                               range_has_zero=keys and group == d)
-        if rotate:
+        xh, total = rtn_groups(xf, p["bits"], p["group"], asym=self.asym, clip_ratio=p["clip"],
+                               range_has_zero=p["range_has_zero"])
+        if h is not None:
             xh = xh @ h.mT
         return Quantized(xh.to(x.dtype), total)
 
