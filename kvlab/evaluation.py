@@ -172,7 +172,7 @@ def _window_logits(lm: LoadedModel, w: torch.Tensor, spec: EvalSpec) -> torch.Te
 
 
 def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | None = None,
-             progress: bool = True, **spec_kwargs) -> EvalResult:
+             progress: bool = True, measure_bytes: bool = False, **spec_kwargs) -> EvalResult:
     """Perplexity, KL to fp, top-1 agreement and accounted bits of `method` on `spec`'s windows.
 
     `evaluate(lm, "kivi-2", data="wiki", n_tokens=2048, window=512, protocol="fake")`
@@ -181,6 +181,10 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     index in the window of the predicted token), `nll`, `kl`, `top1`; in decode also `bits_tokens` /
     `bits` (bits per element of the cache each step read, by the number of stored tokens it held)
     and `layer_bits_tokens` / `layer_bits` (per layer, at most `kvlab.traces.TRACE_STEPS` steps).
+
+    `measure_bytes=True` also packs every stored span into real tensors (`kvlab.pack`) and adds
+    `packed_bytes` (accounted) and `packed_bytes_measured` to the metrics (not stored in the results
+    store: they describe the run, not the method's quality).
     """
     from tqdm.auto import tqdm
 
@@ -196,7 +200,8 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     n_scored = 0
     pos_sums = torch.zeros(3, spec.window - 1, dtype=torch.float64, device=lm.device)   # nll, kl, top1 per position
     pos_count = torch.zeros(spec.window - 1, dtype=torch.float64)
-    with quantize(lm.model, method, protocol=spec.protocol, attn_error=spec.attn_error) as run:
+    with quantize(lm.model, method, protocol=spec.protocol, attn_error=spec.attn_error,
+                  measure_bytes=measure_bytes) as run:
         for i, w in enumerate(tqdm(windows, desc=method.spec, disable=not progress, leave=False)):
             sl = _scored_slice(spec, i)
             logits = _window_logits(lm, w, spec)[:, sl]
@@ -216,6 +221,8 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     s = run.summary()
     metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err",
                                       "attn_rel_err", "avg_bits_step_mean", "avg_bits_end") if k in s})
+    if measure_bytes:
+        metrics.update(packed_bytes=s["packed_bytes"], packed_bytes_measured=s["packed_bytes_measured"])
     layers, info = run.layer_report(), run.info
     metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
                "protocol": spec.protocol, **metrics}

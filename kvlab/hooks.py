@@ -34,7 +34,8 @@ def _module(model) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def quantize(model, method: Method | str, protocol: str = "fake", attn_error: bool = False) -> Iterator[Session]:
+def quantize(model, method: Method | str, protocol: str = "fake", attn_error: bool = False,
+             measure_bytes: bool = False) -> Iterator[Session]:
     """Quantize the KV cache of `model` (an nn.Module or LoadedModel) with `method` inside the block.
 
     The model is restored exactly on exit, also when the block raises. With `attn_error=True` every
@@ -42,8 +43,14 @@ def quantize(model, method: Method | str, protocol: str = "fake", attn_error: bo
     `run.layer_report()["attn_rel_err"]` / `run.summary()["attn_rel_err"]` give the per-layer relative
     attention-output error ||A(q, K^, V^) - A(q, K, V)|| / ||A(q, K, V)|| (accumulated over calls);
     it costs a second attention computation and an fp copy of the cache.
+
+    With `measure_bytes=True` every span the method stores is also packed into real tensors
+    (`kvlab.pack`) and `run.summary()["packed_bytes_measured"]` sums their bytes (fp16 sink and window
+    tokens at 2 bytes each) beside the accounted `packed_bytes`; it costs a second quantization of each
+    span and host syncs. Methods without packed storage are refused when the block opens.
     """
-    session = Session(_module(model), parse(method), protocol, attn_error=attn_error).install()
+    session = Session(_module(model), parse(method), protocol, attn_error=attn_error,
+                      measure_bytes=measure_bytes).install()
     try:
         yield session
     finally:

@@ -91,6 +91,11 @@ def supported() -> list[str]:
     return sorted(c.name for c in _PACKERS)
 
 
+def check_supported(method: Method | str) -> None:
+    """Raise a KVLabError naming the method unless it has packed storage."""
+    _entry(parse(method))
+
+
 def _entry(method) -> tuple[PackFn, UnpackFn]:
     entry = _PACKERS.get(type(method))
     if entry is None:

@@ -28,6 +28,9 @@ class Ledger:
         self.fp_elems = dict.fromkeys(self.bits, 0)
         self.attn_err2: list[torch.Tensor | None] = [None] * n_layers     # attention-output error, if measured
         self.attn_norm2: list[torch.Tensor | None] = [None] * n_layers
+        self.measuring = False                        # set by the session for `quantize(..., measure_bytes=True)`
+        self.measured = dict.fromkeys(self.bits, 0)   # bytes of the packed spans (measure_bytes), host ints
+        self.measured_region = {}                     # rewrite methods: (l, t) -> bytes of the region
         self.version = 0                     # bumped whenever booked bits change (bits_by_layer reuses its result)
         self._by_layer: tuple[int, torch.Tensor | None] | None = None
 
@@ -53,6 +56,13 @@ class Ledger:
             self._add(self.bits, (layer, kind), bits)
             self._add(self.err2, (layer, kind), err2)
             self._add(self.norm2, (layer, kind), norm2)
+
+    def packed(self, layer: int, kind: str, nbytes: int, replace: bool = False) -> None:
+        """Record the bytes of one span's packed tensors (`kvlab.pack`); `replace` as in `quantized`."""
+        if replace:
+            self.measured_region[(layer, kind)] = int(nbytes)
+        else:
+            self.measured[(layer, kind)] += int(nbytes)
 
     def bits_by_layer(self) -> torch.Tensor | None:
         """All bits booked so far per (layer, kind) (rewritten regions included): a device tensor
@@ -96,6 +106,9 @@ class Ledger:
             self._add(self.err2, key, err2)
             self._add(self.norm2, key, norm2)
         self.region = {}
+        for key, n in self.measured_region.items():
+            self.measured[key] += n
+        self.measured_region = {}
 
     def attention(self, layer: int, out: torch.Tensor, ref: torch.Tensor) -> None:
         """Add one attention call's squared output error and reference norm (same queries, fp K/V)."""
@@ -139,6 +152,8 @@ class Ledger:
             row[f"{kind}_rel_err"] = (e / n) ** 0.5 if n > 0 else 0.0
             row[f"{kind}_total_bits"] = total_bits
             row[f"{kind}_elems"] = elems
+            row[f"{kind}_measured_bytes"] = (self.measured[(layer, kind)] + self.measured_region.get((layer, kind), 0)
+                                             + 2 * fp) if self.measuring else float("nan")   # fp16 tokens: 2 B
             row["attn_rel_err"] = attn[layer]
         return pd.DataFrame(list(rows.values()))
 
@@ -152,6 +167,9 @@ def summarize(table) -> dict:
         "avg_bits_v": vb / ve if ve else float("nan"),
         "avg_bits": (kb + vb) / (ke + ve) if ke + ve else float("nan"),
         "packed_bytes": (kb + vb) / 8.0,
+        # the bytes of kvlab.pack's tensors (quantize(..., measure_bytes=True)), NaN unless measured
+        "packed_bytes_measured": float(table["k_measured_bytes"].sum(min_count=1) + table["v_measured_bytes"].sum(min_count=1))
+        if "k_measured_bytes" in table else float("nan"),
         "k_rel_err": float(table["k_rel_err"].mean()),
         "v_rel_err": float(table["v_rel_err"].mean()),
         "attn_rel_err": float(table["attn_rel_err"].mean()),     # NaN unless measured (attn_error=True)

@@ -35,7 +35,8 @@ class Session:
 
     def __init__(self, model: torch.nn.Module, method: Method | None = None, protocol: str = "fake",
                  capture: Iterable[str] = (), max_tokens: int | None = None, to: str | None = None,
-                 retain_grad: bool = False, n_recent: int = 1, attn_error: bool = False):
+                 retain_grad: bool = False, n_recent: int = 1, attn_error: bool = False,
+                 measure_bytes: bool = False):
         policy_cls = protocol_class(protocol)
         if method is not None:
             check_protocol(method, protocol)
@@ -52,9 +53,18 @@ class Session:
             if getattr(method, "replaces_cache", False) else None
         self.policy = policy_cls(self, method) if method is not None and self.external is None else None
         self.attn_error = bool(attn_error and self.policy is not None)
+        self.measure_bytes = bool(measure_bytes)
+        if self.measure_bytes:
+            if self.policy is None or method.scope != "layer":
+                raise KVLabError(f"measure_bytes: '{method.spec if method else None}' is not stored span by span "
+                                 "under kvlab's own cache (whole-cache methods and HF caches are not packed); "
+                                 "drop measure_bytes=True for it")
+            from ..pack import check_supported
+            check_supported(method)
         self.n_layers = self.arch.n_layers
         self.n_recent = method.n_recent if method is not None else n_recent
         self.ledger = Ledger(self.n_layers)
+        self.ledger.measuring = self.measure_bytes
         self.stats: list[AttentionStats | None] = [None] * self.n_layers
         self.info: list[dict] = [dict() for _ in range(self.n_layers)]
         self.phase = "run"                        # "stats" during the fake protocol's fp statistics pass

@@ -109,6 +109,9 @@ class Protocol:
         q = self.method.quantize(x, ctx)
         if q.x.shape != x.shape:
             raise KVLabError(f"method '{self.method.spec}' returned shape {tuple(q.x.shape)} for {tuple(x.shape)}")
+        if self.session.measure_bytes:           # opt-in: the span as real packed tensors (kvlab.pack)
+            from ..pack import measured_bytes
+            self.session.ledger.packed(layer, kind, measured_bytes(self.method, x, ctx), replace=replace)
         names = self._output_names.get(kind)
         if names is None:                        # built once: `method.spec` formats every field
             name = "keys" if kind == "k" else "values"

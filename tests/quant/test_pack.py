@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import kvlab
+
 from kvlab import pack as P
 from kvlab.errors import KVLabError
 from kvlab.quant import AttentionStats, LayerContext, parse
@@ -219,3 +221,42 @@ def test_method_without_packing_raises_naming_it():
     with pytest.raises(KVLabError, match="evicts nothing"):
         P.pack("int4", x, ctx("k", shape=x.shape), keep=torch.ones(1, 2, 8, dtype=torch.bool))
     assert {"int", "kivi", "kvquant", "qaq", "pmkvq", "qhitter", "quarot"} <= set(P.supported())
+
+
+# -- run.summary(): measured beside accounted, through the session ---------------------------------------
+
+@pytest.mark.parametrize("spec,protocol", [("int:bits=4", "fake"), ("kivi:bits=2,group=16,residual=32", "prefill-decode"),
+                                           ("kivi:bits=2,group=16,residual=32", "decode"), ("quarot-2", "decode"),
+                                           ("pmkvq:allocation=uniform,budget=3.0,max_tokens=64,residual=16,reparam=none",
+                                            "decode")])
+def test_summary_reports_measured_bytes_beside_the_accounted(spec, protocol):
+    """quantize(..., measure_bytes=True): every stored span is packed; the sum of the packed tensors' bytes
+    (plus 2 bytes per fp16 sink / window element) is within 5% of the accounted bits / 8. The model is
+    bf16: the accounting books full-precision tokens at 16 bits, and PM-KVQ keeps its authors' window
+    itself, in the model's dtype (4 bytes an element in an fp32 model; test_pack's fp32 cases state it)."""
+    from kvlab.hooks import quantize
+
+    m = kvlab.tiny("llama").model.to(torch.bfloat16)
+    ids = torch.randint(3, 300, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), quantize(m, spec, protocol=protocol, measure_bytes=True) as run:
+        if protocol == "fake":
+            m(ids)
+        else:
+            past = m(ids[:, :48]).past_key_values
+            for t in range(48, 96):
+                past = m(ids[:, t:t + 1], past_key_values=past).past_key_values
+    s = run.summary()
+    assert s["packed_bytes_measured"] == pytest.approx(s["packed_bytes"], rel=0.05), s
+    with quantize(m, spec, protocol=protocol) as plain:
+        m(ids[:, :8])
+    assert math.isnan(plain.summary()["packed_bytes_measured"])       # not measured unless asked
+
+
+def test_measure_bytes_refuses_methods_without_packed_storage():
+    from kvlab.hooks import quantize
+
+    m = kvlab.tiny("llama").model
+    for spec in ("h2o", "fp16"):
+        with pytest.raises(KVLabError, match="measure_bytes|packed storage"):
+            with quantize(m, spec, protocol="prefill-decode", measure_bytes=True):
+                pass
