@@ -51,7 +51,7 @@ from .quant.base import Method
 from .quant.registry import parse
 from .calibration import TASK_TOKENS, calibrate
 
-__all__ = ["TASKS", "HF_SOURCES", "examples", "cloze_wiki", "data_key", "evaluate_choice",
+__all__ = ["TASKS", "HF_SOURCES", "examples", "cloze_wiki", "data_key", "evaluate_choice", "continuation_logits",
            "ChoiceResult"]
 
 #: (path, config, split) per online task; edit to point a task at a mirror.
@@ -222,10 +222,11 @@ def _encode_pair(tok: Any, context: str, choice: str) -> tuple[list[int], list[i
 
 
 @torch.no_grad()
-def _loglik(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: str) -> torch.Tensor:
-    """Summed log-probability (0-d device tensor) of `cont` [1, C] after `ctx` [1, T], under whatever
-    session is installed: one teacher-forced forward (fake), or the context stored first and the choice
-    scored against that cache (prefill-decode: in one call; decode: one token per forward)."""
+def continuation_logits(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: str) -> torch.Tensor:
+    """The logits [1, C, vocab] that predict each token of `cont` [1, C] after `ctx` [1, T], under
+    whatever session is installed: one teacher-forced forward (fake), or the context stored first and
+    the choice scored against that cache (prefill-decode: in one call; decode: one token per forward).
+    (`kvlab.lmeval` reads the per-token argmax from them: lm-eval's `is_greedy`.)"""
     n = cont.shape[1]
     if protocol == "fake":
         logits = lm.model(torch.cat([ctx, cont[:, :-1]], 1), logits_to_keep=n).logits
@@ -239,6 +240,13 @@ def _loglik(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: st
             pieces.append(nxt.logits)
             past = nxt.past_key_values
         logits = torch.cat(pieces, 1)
+    return logits
+
+
+@torch.no_grad()
+def _loglik(lm: LoadedModel, ctx: torch.Tensor, cont: torch.Tensor, protocol: str) -> torch.Tensor:
+    """Summed log-probability (0-d device tensor) of `cont` [1, C] after `ctx` [1, T] (`continuation_logits`)."""
+    logits = continuation_logits(lm, ctx, cont, protocol)
     return logits.float().log_softmax(-1).gather(-1, cont[..., None]).sum()
 
 

@@ -107,12 +107,14 @@ def cmd_eval(args) -> None:
 
     from . import load
     from .models import check_device
-    from .tasks import run_task, task_kind
+    from .tasks import run_task, task_kind, task_spec
 
     check_device(args.device)      # a missing GPU / CUDA build fails here, before any weights are read
     kind = task_kind(args.task)
     if args.data is not None and kind != "ppl":
         raise KVLabError(f"--data applies to --task ppl only; the task '{args.task}' reads its own examples")
+    if kind == "lmeval":           # lm-eval missing, an unknown lm-eval task: before the model loads
+        args.task = task_spec(args.task, args.protocol, n=args.n, num_fewshot=args.n_shot or None)
     if kind == "ppl":
         from .data import DEFAULT_CORPUS, check_corpus
         args.data = args.data or DEFAULT_CORPUS
@@ -123,17 +125,20 @@ def cmd_eval(args) -> None:
             "choice": dict(n=args.n or 100, seed=args.seed),
             "summary": dict(n=args.n or 50, seed=args.seed, n_shot=args.n_shot,
                             max_new_tokens=args.max_new_tokens),
-            "passkey": dict(seed=args.seed, n_per_cell=args.n or 1)}[kind]
+            "passkey": dict(seed=args.seed, n_per_cell=args.n or 1), "lmeval": {}}[kind]
     store = None
     if not args.no_store:
         from .store import Store
         store = Store(args.store)
     lm = load(args.model, device=args.device)
-    df = run_task(lm, args.task, args.method, store=store, protocol=args.protocol, recompute=args.recompute, **opts)
+    df = run_task(lm, args.task, args.method, store=store, protocol=None if kind == "lmeval" else args.protocol,
+                  recompute=args.recompute, **opts)
     cols = {"ppl": ["avg_bits", "avg_bits_step_mean", "ppl", "kl", "top1", "k_rel_err", "v_rel_err", "attn_rel_err"],
             "choice": ["avg_bits", "acc", "acc_ci_low", "acc_ci_high", "acc_norm", "agree_fp", "ll_delta"],
             "summary": ["rouge1", "rouge2", "rougeL", "rougeL_fp", "exact_fp"],
-            "passkey": ["passkey_exact", "passkey_digits", "n_examples"]}[kind]
+            "passkey": ["passkey_exact", "passkey_digits", "n_examples"],
+            "lmeval": ["avg_bits"] + sorted(c for c in df.columns if c not in ("model", "data", "method", "protocol",
+                       "label", "cached", "avg_bits", "seconds", "n_examples")) + ["n_examples"]}[kind]
     cols = ["label", "method", "protocol"] + [c for c in cols if c in df.columns] + ["cached"]
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(df[cols].round(4).to_string(index=False))
@@ -212,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help=cmd_eval.__doc__)
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--task", default="ppl", help="ppl (default), a multiple-choice task (cloze-wiki, hellaswag, "
-                   "piqa, mathqa, truthfulqa) or a summarization task (lead-wiki, xsum)")
+                   "piqa, mathqa, truthfulqa), a summarization task (lead-wiki, xsum) or lm-eval:<task>, any "
+                   "lm-evaluation-harness task through kvlab.lmeval (e.g. lm-eval:cloze-wiki; --n is its limit, "
+                   "--n-shot its num_fewshot; needs the lmeval extra)")
     e.add_argument("--data", default=None, help="ppl: the corpus (default wiki): a packaged one (wiki, kjv, "
                    "paulgraham, squad, hotpotqa), hf:<path>[:<config>][:<split>] (online), or your own file, "
                    "file:PATH: plain UTF-8 text, or .jsonl with a 'text' field per line")

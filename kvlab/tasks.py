@@ -15,6 +15,7 @@ whose presence in the store means "already computed": the one rule, `Store.get_r
 | `cloze-wiki`, `hellaswag`, `piqa`, `mathqa`, `truthfulqa` (multiple choice) | `kvlab.choice.evaluate_choice` | fake | acc |
 | `lead-wiki`, `xsum` (one-sentence summaries, ROUGE) | `kvlab.summarize.evaluate_summaries` | prefill-decode | rougeL |
 | `passkey` (retrieval over context length x depth)  | `kvlab.retrieval.passkey_accuracy` | prefill-decode | passkey_exact |
+| `lm-eval:<task>` (any lm-evaluation-harness task, e.g. `lm-eval:cloze-wiki`) | `kvlab.lmeval.evaluate_lmeval` | fake | n_examples |
 
 With a store, a method whose required metrics are stored for (model, task key, method, protocol)
 is read back instead of recomputed, so a notebook or sweep re-run costs nothing; new results are
@@ -35,6 +36,7 @@ from .quant.registry import parse
 CHOICE_TASKS = ("cloze-wiki", "hellaswag", "piqa", "mathqa", "truthfulqa")
 SUMMARY_TASKS = ("lead-wiki", "xsum")
 TASKS = ("ppl", *CHOICE_TASKS, *SUMMARY_TASKS, "passkey")
+LMEVAL_PREFIX = "lm-eval:"        # `lm-eval:<task>`: an lm-evaluation-harness task through kvlab.lmeval
 
 
 @dataclass(frozen=True)
@@ -183,23 +185,74 @@ class Passkey(Task):
                 "n_examples": int(len(df))}
 
 
-DEFAULT_PROTOCOL = {"ppl": "fake", "choice": "fake", "summary": "prefill-decode", "passkey": "prefill-decode"}
-_CLASSES = {"ppl": Perplexity, "choice": Choice, "summary": Summary, "passkey": Passkey}
+@dataclass(frozen=True)
+class LMEval(Task):
+    """An lm-evaluation-harness task run through the bridge (`kvlab.lmeval`): its metrics as lm-eval
+    reports them (`acc,none` -> `acc`, other filters as `metric:filter`, subtasks as `subtask/metric`),
+    n_examples, avg_bits (log-likelihood requests) and seconds. `n` is lm-eval's `limit` (the first n
+    documents; None: all), `num_fewshot` None keeps the task's default. The store key names the
+    lm-eval version, whose task definitions the numbers depend on."""
+
+    kind: ClassVar[str] = "lmeval"
+    required: ClassVar[tuple[str, ...]] = ("n_examples",)
+    task: str = "cloze-wiki"
+    n: int | None = None
+    num_fewshot: int | None = None
+
+    def __post_init__(self):
+        from .lmeval import check_tasks
+        if self.n is not None and (not isinstance(self.n, int) or self.n < 1):
+            raise KVLabError(f"n must be a positive int (or None for the whole task), got {self.n!r}")
+        from .protocols import PROTOCOLS
+        if self.protocol not in PROTOCOLS:
+            raise KVLabError(f"unknown protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        check_tasks([self.task])      # lm-eval missing or an unknown task: before any model work
+
+    @property
+    def version(self) -> str:
+        from .lmeval import require
+        return require()
+
+    @property
+    def key(self) -> str:
+        shots = "default" if self.num_fewshot is None else self.num_fewshot
+        return f"{LMEVAL_PREFIX}{self.task}:n={self.n or 'all'},fewshot={shots},v={self.version}"
+
+    @property
+    def config(self) -> dict:
+        return {"task": self.task, "n": self.n, "num_fewshot": self.num_fewshot, "lm_eval": self.version}
+
+    def evaluate(self, lm, method, progress=True) -> dict:
+        from .lmeval import evaluate_lmeval
+        return evaluate_lmeval(lm, method, self.task, protocol=self.protocol, limit=self.n,
+                               num_fewshot=self.num_fewshot, key=self.key, progress=progress)
+
+
+DEFAULT_PROTOCOL = {"ppl": "fake", "choice": "fake", "summary": "prefill-decode", "passkey": "prefill-decode",
+                    "lmeval": "fake"}
+_CLASSES = {"ppl": Perplexity, "choice": Choice, "summary": Summary, "passkey": Passkey, "lmeval": LMEval}
 OPTIONS = {"ppl": tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name != "protocol"),
            "choice": ("n", "seed"),
            "summary": ("n", "seed", "n_shot", "max_new_tokens", "max_context_tokens", "template", "batch_size"),
-           "passkey": ("context_lengths", "depths", "n_per_cell", "seed", "haystack")}
+           "passkey": ("context_lengths", "depths", "n_per_cell", "seed", "haystack"),
+           "lmeval": ("n", "num_fewshot")}
 
 
 def task_kind(task: str) -> str:
-    """"ppl", "choice", "summary" or "passkey"; a KVLabError listing the tasks for an unknown name."""
+    """"ppl", "choice", "summary", "passkey" or "lmeval" (`lm-eval:<task>`); a KVLabError listing the tasks
+    for an unknown name."""
+    if isinstance(task, str) and task.startswith(LMEVAL_PREFIX):
+        if not task[len(LMEVAL_PREFIX):]:
+            raise KVLabError(f"name the lm-eval task after '{LMEVAL_PREFIX}', e.g. {LMEVAL_PREFIX}cloze-wiki")
+        return "lmeval"
     if task in ("ppl", "passkey"):
         return task
     if task in CHOICE_TASKS:
         return "choice"
     if task in SUMMARY_TASKS:
         return "summary"
-    raise KVLabError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    raise KVLabError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}, or {LMEVAL_PREFIX}<task> for any "
+                     "lm-evaluation-harness task (e.g. lm-eval:cloze-wiki; needs the lmeval extra)")
 
 
 def task_spec(task: str | Task, protocol: str | None = None, **options: Any) -> Task:
@@ -219,6 +272,8 @@ def task_spec(task: str | Task, protocol: str | None = None, **options: Any) -> 
     if kind == "passkey":
         options = {k: tuple(v) if k in ("context_lengths", "depths") else v for k, v in options.items()}
         return Passkey(protocol=protocol, **options)
+    if kind == "lmeval":
+        return LMEval(protocol=protocol, task=task[len(LMEVAL_PREFIX):], **options)
     return _CLASSES[kind](protocol=protocol, task=task, **options)
 
 
@@ -231,7 +286,7 @@ def run_task(lm: LoadedModel, task: str | Task, methods: Iterable[Method | str],
 
     `task` is a name (options as keyword arguments: `ppl` takes `EvalSpec` fields; multiple choice n,
     seed; summaries n, seed, n_shot, max_new_tokens, max_context_tokens, template, batch_size;
-    passkey context_lengths, depths, n_per_cell, seed, haystack) or a `Task`. With `store`, stored
+    passkey context_lengths, depths, n_per_cell, seed, haystack; `lm-eval:<task>` n, num_fewshot) or a `Task`. With `store`, stored
     results are read back unless `recompute=True`, and new ones are written as each method finishes.
     """
     import pandas as pd
