@@ -153,7 +153,10 @@ def calibrate_for(lm: LoadedModel, method: Method | str, spec: EvalSpec) -> Meth
 
 @torch.no_grad()
 def _window_logits(lm: LoadedModel, w: torch.Tensor, spec: EvalSpec) -> torch.Tensor:
-    """Logits of one window (positions predicting tokens 1..window-1) under the installed session."""
+    """Logits of one window's scored positions under the installed session: fake, every position
+    predicting tokens 1..window-1 (the caller slices them); prefill-decode / decode, the positions
+    predicting tokens p..window-1 only (the prefill's own logits are dropped as soon as its last one is
+    read, so a long window holds the continuation's logits and nothing more)."""
     ids = w[None].to(lm.device)
     if spec.protocol == "fake":
         return lm.model(ids).logits[:, :-1]
@@ -162,13 +165,14 @@ def _window_logits(lm: LoadedModel, w: torch.Tensor, spec: EvalSpec) -> torch.Te
     # prefill-decode: the continuation in one call; decode: `decode_chunk` tokens per call. The last token
     # is fed too (its prediction is dropped), so a chunk covering the continuation IS prefill-decode.
     chunk = spec.window - p if spec.protocol == "prefill-decode" else spec.decode_chunk
-    pieces, past = [out.logits[:, -1:]], out.past_key_values
+    pieces, past = [out.logits[:, -1:].clone()], out.past_key_values
+    del out                                                                 # the prefill's [p, vocab] logits
     for s in range(p, spec.window, chunk):
         step = lm.model(ids[:, s:s + chunk], past_key_values=past, use_cache=True)
         pieces.append(step.logits)
         past = step.past_key_values
-    full = torch.cat(pieces, dim=1)[:, :-1]                                 # predicts tokens p .. window-1
-    return torch.cat([torch.zeros_like(full[:, :1]).expand(1, p - 1, -1), full], dim=1)
+        del step
+    return torch.cat(pieces, dim=1)[:, :-1]                                 # predicts tokens p .. window-1
 
 
 def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | None = None,
@@ -204,7 +208,9 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
                   measure_bytes=measure_bytes) as run:
         for i, w in enumerate(tqdm(windows, desc=method.spec, disable=not progress, leave=False)):
             sl = _scored_slice(spec, i)
-            logits = _window_logits(lm, w, spec)[:, sl]
+            logits = _window_logits(lm, w, spec)
+            if spec.protocol == "fake":
+                logits = logits[:, sl]
             targets = w[None, 1:].to(lm.device)[:, sl]
             r = ref[i:i + 1] if torch.is_tensor(ref) else ref[i]
             per_token = (token_nll(logits, targets), kl_to_reference(logits, r), top1_agreement(logits, r))
