@@ -191,15 +191,8 @@ def _pack_int(method: Uniform, x, ctx, keep) -> Packed:
 
 def _pack_kivi(method: KIVI, x, ctx, keep) -> Packed:
     p = _new(method, x, ctx)
-    if ctx.kind == "k":
-        p.layout = _pack_uniform(p.data, x, method.bits, -2, method.group)
-    else:
-        d = x.shape[-1]
-        if method.group < d and d % method.group:
-            raise KVLabError(f"{method.name}: 'group' ({method.group}) must divide head_dim ({d}) "
-                             f"for per-token value groups; use a divisor of {d}")
-        b = method.bits if method.v_bits is None else method.v_bits
-        p.layout = _pack_uniform(p.data, x, b, -1, min(method.group, d))
+    bits, dim, group = method.plan(ctx.kind, x.shape[-1])
+    p.layout = _pack_uniform(p.data, x, bits, dim, group)
     return p
 
 

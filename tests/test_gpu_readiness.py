@@ -29,10 +29,10 @@ from kvlab.calibration import calibrate
 from kvlab.core.ledger import Ledger
 from kvlab.hooks import capture, quantize
 from kvlab.protocols import supports
-from kvlab.quant import available, parse
+from kvlab.quant import parse
 from kvlab.quant import primitives as P
 from kvlab.quant.base import Quantized
-from kvlab.quant.registry import METHODS, PRESETS
+from kvlab.quant.registry import representatives
 
 FAMILIES = models.TINY_FAMILIES
 LOW = [torch.bfloat16, torch.float16]
@@ -96,16 +96,6 @@ def test_identity_is_bit_exact_in_bf16_and_fp16(family, dtype):
     _identity_exact_in_every_protocol(_tiny(family, dtype), _ids())
 
 
-def _one_preset_per_method():
-    available()
-    chosen = {}
-    for name in sorted(PRESETS):
-        chosen.setdefault(type(parse(name)).name, name)
-    for name in sorted(METHODS):
-        chosen.setdefault(name, name)
-    return sorted(chosen.values())
-
-
 @torch.no_grad()
 def _run_method(lm, method, protocol, ids):
     m = lm.model
@@ -125,7 +115,7 @@ def _run_method(lm, method, protocol, ids):
 
 @pytest.mark.parametrize("protocol", ["fake", "prefill-decode", "decode"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("spec", _one_preset_per_method())
+@pytest.mark.parametrize("spec", representatives())
 def test_every_method_runs_in_bf16_and_fp16(spec, dtype, protocol):
     method = parse(spec)
     if not supports(method, protocol):

@@ -59,6 +59,18 @@ def available() -> dict[str, list[str]]:
     return {"methods": sorted(METHODS), "presets": sorted(PRESETS)}
 
 
+def representatives() -> list[str]:
+    """One name per registered method: its alphabetically first preset, or the method's own name when
+    it has none (what the contract tests run on every tiny family)."""
+    available()
+    chosen: dict[str, str] = {}
+    for name in sorted(PRESETS):
+        chosen.setdefault(type(parse(name)).name, name)
+    for name in sorted(METHODS):
+        chosen.setdefault(name, name)
+    return sorted(chosen.values())
+
+
 def parse(spec: str | Method) -> Method:
     """Build a method from a spec string or preset name; every error names the field and the fix."""
     if isinstance(spec, Method):

@@ -28,3 +28,22 @@ def stats(received_sum=None, received_max=None, query_norm=None, shape=(1, 1, 4)
     return AttentionStats(received_sum if received_sum is not None else torch.ones(b, h, t),
                           received_max if received_max is not None else torch.ones(b, h, t),
                           query_norm if query_norm is not None else torch.ones(b, h), n_recent=1)
+
+
+def decode_with_keep_sets(model, spec, ids, prefill):
+    """Prefill `prefill` tokens of ids, then one token per forward inside `quantize(model, spec,
+    protocol="decode")`. Returns (run, logits of every call concatenated, per step after each decode
+    call: per layer, per KV head of batch 0, the kept positions of the stored tokens read before it)."""
+    from kvlab.hooks import quantize
+
+    kept = []
+    with torch.no_grad(), quantize(model, spec, protocol="decode") as run:
+        out = model(ids[:, :prefill], use_cache=True)
+        past, logits = out.past_key_values, [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits)
+            kept.append([[torch.nonzero(row[:-1]).flatten().tolist() for row in layer.keep[0]]
+                         for layer in run.cache.layers])
+    return run, torch.cat(logits, 1), kept

@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache
 
 from kvlab import models
 from kvlab.hooks import quantize
+from quant_helpers import decode_with_keep_sets
 from kvlab.quant import parse
 
 P, N = 20, 12                    # prompt, decoded tokens
@@ -89,24 +90,15 @@ def test_decode_evicts_every_step_like_the_authors_real_drop():
     m = _eager_tiny()
     ids = _ids(P + N)
     want_kept, want_logits, budget = reference_decode(m, ids, P, HEAVY, RECENT)
-    got_kept, logits = [], []
-    with quantize(m, f"h2o:heavy_ratio={HEAVY},recent_ratio={RECENT}", protocol="decode") as run:
-        out = m(ids[:, :P], use_cache=True)
-        past, logits = out.past_key_values, [out.logits]
-        for t in range(P, P + N):
-            out = m(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits.append(out.logits)
-            # after call t the cache holds the eviction decided after call t-1 (the flush at the start of
-            # call t, as the authors' end-of-call eviction) plus token t
-            got_kept.append([[torch.nonzero(row[:-1]).flatten().tolist() for row in layer.keep[0]]
-                             for layer in run.cache.layers])
+    # after call t the cache holds the eviction decided after call t-1 (the flush at the start of call t,
+    # as the authors' end-of-call eviction) plus token t
+    run, logits, got_kept = decode_with_keep_sets(m, f"h2o:heavy_ratio={HEAVY},recent_ratio={RECENT}", ids, P)
     assert budget == 9
     for step, (got, want) in enumerate(zip(got_kept, want_kept[:-1])):
         assert got == want, f"decode step {step}"
         assert all(len(h) == budget for layer in got for h in layer)
     # the same attention over the same tokens: masked (kvlab) or dropped (the authors) only reorders sums
-    torch.testing.assert_close(torch.cat(logits, 1), want_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
     # bits: the budget's tokens at fp16 over every stored token of the sequence (evicted ones cost 0)
     rec = run.step_bits()
     assert len(rec["avg_bits"]) == N

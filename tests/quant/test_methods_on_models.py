@@ -6,18 +6,8 @@ from kvlab import KVLabError, models
 from kvlab.calibration import calibrate
 from kvlab.hooks import quantize
 from kvlab.protocols import supports
-from kvlab.quant import available, parse
-from kvlab.quant.registry import METHODS, PRESETS
-
-
-def _one_preset_per_method():
-    available()
-    chosen = {}
-    for name in sorted(PRESETS):
-        chosen.setdefault(type(parse(name)).name, name)
-    for name in sorted(METHODS):
-        chosen.setdefault(name, name)
-    return sorted(chosen.values())
+from kvlab.quant import parse
+from kvlab.quant.registry import PRESETS, representatives
 
 
 def _ids(t=48):
@@ -57,7 +47,7 @@ def _run(lm, spec, protocol):
 
 @pytest.mark.parametrize("protocol", ["fake", "prefill-decode"])
 @pytest.mark.parametrize("family", models.TINY_FAMILIES)
-@pytest.mark.parametrize("spec", _one_preset_per_method())
+@pytest.mark.parametrize("spec", representatives())
 def test_method_runs_on_family(spec, family, protocol):
     _run(models.tiny(family), spec, protocol)
 

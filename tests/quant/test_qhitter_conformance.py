@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache
 
 from kvlab import models
 from kvlab.hooks import quantize
+from quant_helpers import decode_with_keep_sets
 
 P, N = 20, 12
 H2O_R, QH_R, REC_R, ALPHA, BITS = 0.15, 0.15, 0.1, 0.5, 4      # 3 + 3 + 2 of a 20-token prompt
@@ -103,21 +104,12 @@ def test_decode_quantizes_and_evicts_every_step_like_the_authors():
     ids = _ids(P + N)
     want_kept, want_logits, budget = reference_decode(m, ids, P)
     spec = f"qhitter:h2o_ratio={H2O_R},qh_ratio={QH_R},recent_ratio={REC_R},alpha={ALPHA}"
-    got_kept = []
-    with quantize(m, spec, protocol="decode") as run:
-        out = m(ids[:, :P], use_cache=True)
-        past, logits = out.past_key_values, [out.logits]
-        for t in range(P, P + N):
-            out = m(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits.append(out.logits)
-            got_kept.append([[torch.nonzero(row[:-1]).flatten().tolist() for row in layer.keep[0]]
-                             for layer in run.cache.layers])
+    run, logits, got_kept = decode_with_keep_sets(m, spec, ids, P)
     assert budget == 8
     for step, (got, want) in enumerate(zip(got_kept, want_kept[:-1])):
         assert got == want, f"decode step {step}"
         assert all(len(h) == budget for layer in got for h in layer)
-    torch.testing.assert_close(torch.cat(logits, 1), want_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
     # bits: the budget's tokens at 4 bits + fp16 scale and zero per token vector (head_dim 16), over
     # every stored token; evicted tokens cost 0
     d = m.config.hidden_size // m.config.num_attention_heads

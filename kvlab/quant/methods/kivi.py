@@ -108,19 +108,21 @@ class KIVI(Method):
             return (pending // step) * step
         return max(0, pending - R)
 
+    def plan(self, kind: str, head_dim: int) -> tuple[int, int, int]:
+        """(bits, axis, group) of `kind`'s uniform quantizer: keys per channel (groups along the token
+        axis), values per token (groups along head_dim; group >= head_dim makes one group per token
+        vector, e.g. the paper's group 32 on a tiny model). `kvlab.pack` reads the same plan."""
+        if kind == "k":
+            return self.bits, -2, self.group
+        if self.group < head_dim and head_dim % self.group:
+            raise KVLabError(f"{self.name}: 'group' ({self.group}) must divide head_dim ({head_dim}) "
+                             f"for per-token value groups; use a divisor of {head_dim}")
+        return (self.bits if self.v_bits is None else self.v_bits), -1, min(self.group, head_dim)
+
     def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
-        if ctx.kind == "k":
-            # per channel: groups run along the token axis
-            xh, bits = quantize_uniform(x, self.bits, dim=-2, group=self.group)
-        else:
-            head_dim = x.shape[-1]
-            if self.group < head_dim and head_dim % self.group:
-                raise KVLabError(f"{self.name}: 'group' ({self.group}) must divide head_dim ({head_dim}) "
-                                 f"for per-token value groups; use a divisor of {head_dim}")
-            b = self.bits if self.v_bits is None else self.v_bits
-            # group >= head_dim: one group per token vector (e.g. the paper's group 32 on a tiny model)
-            xh, bits = quantize_uniform(x, b, dim=-1, group=min(self.group, head_dim))
-        return Quantized(xh, bits)
+        bits, dim, group = self.plan(ctx.kind, x.shape[-1])
+        xh, total = quantize_uniform(x, bits, dim=dim, group=group)
+        return Quantized(xh, total)
 
 
 preset("kivi-2", "kivi:bits=2,group=32,residual=128")
