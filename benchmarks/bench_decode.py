@@ -30,7 +30,8 @@ on a loaded machine with `--threads 1` (with more threads it also counts their s
                      the finiteness check), since the method does nothing;
 * `int4`   <= 1.20   uniform int4 per token, residual 0: every step quantizes the new token of every
                      layer (K and V), so this is the protocol plus one small method call per layer;
-* `kivi-2` <= 1.20   KIVI 2-bit: the residual window flushes a group of 32 tokens every 32 steps;
+* `kivi-2` <= 1.20   KIVI 2-bit, the authors' flush: one value leaves the fp window every step, 128 keys
+                     every 128 steps;
 * `hf-quanto-int2`   HF's QuantizedCache (quanto backend), printed as a reference, no target: its
                      cost is HF's, not kvlab's.
 
