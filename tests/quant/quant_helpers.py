@@ -47,3 +47,17 @@ def decode_with_keep_sets(model, spec, ids, prefill):
             kept.append([[torch.nonzero(row[:-1]).flatten().tolist() for row in layer.keep[0]]
                          for layer in run.cache.layers])
     return run, torch.cat(logits, 1), kept
+
+
+def eager_calls(model, ids, prefill):
+    """The authors' decode on a plain DynamicCache with the attention probabilities returned: yields
+    (t0, t1, output) for the prefill ids[:, :prefill] and then one token per call. The caller may drop
+    tokens from the cache between calls (real eviction), so positions are passed explicitly."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for t0, t1 in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+        past = cache.get_seq_length()
+        out = model(ids[:, t0:t1], past_key_values=cache, use_cache=True, output_attentions=True,
+                    position_ids=torch.arange(t0, t1)[None], cache_position=torch.arange(past, past + t1 - t0))
+        yield t0, t1, out

@@ -15,11 +15,10 @@ and the HEAD "global statistics" variant (L152-166).
 """
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache
 
 from kvlab import models
 from kvlab.hooks import quantize
-from quant_helpers import decode_with_keep_sets
+from quant_helpers import decode_with_keep_sets, eager_calls
 from kvlab.quant import parse
 
 P, N = 20, 12                    # prompt, decoded tokens
@@ -53,14 +52,10 @@ def reference_decode(model, ids, p, heavy_ratio, recent_ratio):
     cfg = model.config
     n_kv = cfg.num_key_value_heads
     heavy, recent = int(heavy_ratio * p), int(recent_ratio * p)
-    cache = DynamicCache(config=cfg)
     scores = [None] * cfg.num_hidden_layers          # hh_score per layer [kvh, cached]
     pos = [None] * cfg.num_hidden_layers             # original position of each cached token [kvh, cached]
     kept_after, logits = [], []
-    for t0, t1 in [(0, p)] + [(t, t + 1) for t in range(p, ids.shape[1])]:
-        past = cache.get_seq_length()
-        out = model(ids[:, t0:t1], past_key_values=cache, use_cache=True, output_attentions=True,
-                    position_ids=torch.arange(t0, t1)[None], cache_position=torch.arange(past, past + t1 - t0))
+    for t0, t1, out in eager_calls(model, ids, p):
         logits.append(out.logits)
         step = []
         for l, att in enumerate(out.attentions):
@@ -76,7 +71,7 @@ def reference_decode(model, ids, p, heavy_ratio, recent_ratio):
             if n > heavy + recent:                                       # L265
                 top = scores[l][:, : n - recent].topk(heavy, dim=-1).indices.sort(-1).values      # L271-273
                 keep = torch.cat([top, torch.arange(n - recent, n).expand(n_kv, recent)], 1)    # L276-277
-                layer = cache.layers[l]
+                layer = out.past_key_values.layers[l]
                 layer.keys = _gather(layer.keys, keep[None])
                 layer.values = _gather(layer.values, keep[None])
                 scores[l], pos[l] = scores[l].gather(1, keep), pos[l].gather(1, keep)            # L285

@@ -15,11 +15,10 @@ physically, as the authors' cache does; kvlab quantizes in its flush and masks e
 """
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache
 
 from kvlab import models
 from kvlab.hooks import quantize
-from quant_helpers import decode_with_keep_sets
+from quant_helpers import decode_with_keep_sets, eager_calls
 
 P, N = 20, 12
 H2O_R, QH_R, REC_R, ALPHA, BITS = 0.15, 0.15, 0.1, 0.5, 4      # 3 + 3 + 2 of a 20-token prompt
@@ -52,14 +51,10 @@ def reference_decode(model, ids, p):
     n_kv = cfg.num_key_value_heads
     default, hh, recent = int(H2O_R * p), int(QH_R * p), int(REC_R * p)
     size = default + hh + recent
-    cache = DynamicCache(config=cfg)
     L = cfg.num_hidden_layers
     hh_score, q_score, pos = [None] * L, [None] * L, [None] * L
     kept_after, logits = [], []
-    for t0, t1 in [(0, p)] + [(t, t + 1) for t in range(p, ids.shape[1])]:
-        past = cache.get_seq_length()
-        out = model(ids[:, t0:t1], past_key_values=cache, use_cache=True, output_attentions=True,
-                    position_ids=torch.arange(t0, t1)[None], cache_position=torch.arange(past, past + t1 - t0))
+    for t0, t1, out in eager_calls(model, ids, p):
         logits.append(out.logits)
         step = []
         for l, att in enumerate(out.attentions):
@@ -72,7 +67,7 @@ def reference_decode(model, ids, p):
             else:
                 a[:, :-new] += hh_score[l]
                 hh_score[l], pos[l] = a, torch.cat([pos[l], new_pos], 1)
-            layer = cache.layers[l]
+            layer = out.past_key_values.layers[l]
             k, v = layer.keys[0, :, -new:], layer.values[0, :, -new:]               # [kvh, new, d]
             kq, vq = quantization_simulated(k, BITS), quantization_simulated(v, BITS)
             ek, ev = (kq - k).norm(dim=-1), (vq - v).norm(dim=-1)                   # [kvh, new]
