@@ -58,6 +58,9 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, s
 
     received_sum[b, g, j] = sum over queries i and heads h in group g of softmax_j(q_i k_j * scale)
     received_max[b, g, j] = max over the last `n_recent` queries and heads of group g (QAQ a_max)
+    recent[b, g, r, j]    = the same per query: row r is the r-th of the call's last min(q, n_recent)
+                            queries (oldest first), its heads of group g folded by max; what
+                            `accumulate_stats` slides across calls (QAQ's attention window)
     Probabilities are computed in fp32, `chunk` queries at a time, each chunk only against the keys at
     or before its last query (causal LMs), which halves the work of a full prefill.
     """
@@ -65,8 +68,8 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, s
     kv_len = key.shape[-2]
     k = key.float().repeat_interleave(n_groups, dim=1)
     total = torch.zeros(b, h, kv_len, device=query.device)
-    recent_max = torch.zeros(b, h, kv_len, device=query.device)
     first_recent = max(0, q_len - n_recent)
+    recent = torch.zeros(b, h // n_groups, q_len - first_recent, kv_len, device=query.device)
     offset = kv_len - q_len                      # absolute position of query 0
     for s in range(0, q_len, chunk):
         e = min(q_len, s + chunk)
@@ -85,12 +88,14 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, s
         probs = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
         total[..., :kv_end] += probs.sum(dim=2)
         if e > first_recent:
-            recent = probs[:, :, max(0, first_recent - s):].amax(dim=2)
-            recent_max[..., :kv_end] = torch.maximum(recent_max[..., :kv_end], recent)
+            lo = max(0, first_recent - s)                       # the chunk's first query in the window
+            rows = probs[:, :, lo:]
+            rows = rows.view(b, h // n_groups, n_groups, *rows.shape[2:]).amax(2)
+            recent[:, :, s + lo - first_recent:e - first_recent, :kv_end] = rows
     qn = query.float().norm(dim=-1).amax(dim=-1)                                  # [b, h]
     fold = lambda t: t.view(b, h // n_groups, n_groups, *t.shape[2:])              # noqa: E731
-    return AttentionStats(received_sum=fold(total).sum(2), received_max=fold(recent_max).amax(2),
-                          query_norm=fold(qn).amax(2), n_recent=n_recent)
+    return AttentionStats(received_sum=fold(total).sum(2), received_max=recent.amax(2),
+                          query_norm=fold(qn).amax(2), n_recent=n_recent, recent=recent)
 
 
 def attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float, n_groups: int,
@@ -133,7 +138,10 @@ def accumulate_stats(old: AttentionStats | None, new: AttentionStats, appended: 
 
     The call appended `appended` keys; the old statistics are zero-padded for them and, where the
     call's keys start later than the old ones did (a sliding-window layer dropped its oldest tokens),
-    cropped at the front. So entry j of the result always belongs to key j of the latest call."""
+    cropped at the front. So entry j of the result always belongs to key j of the latest call.
+    `received_sum` adds up over every query so far; `received_max` is the max over the last `n_recent`
+    queries of the sequence, across calls (the per-query rows `recent` slide: QAQ's attention window,
+    Sec. 4.2: in decode, one query per call, the window spans the last n_recent calls)."""
     if old is None:
         return new
     n = new.received_sum.shape[-1]
@@ -142,9 +150,16 @@ def accumulate_stats(old: AttentionStats | None, new: AttentionStats, appended: 
         t = _pad_stat(t, t.shape[-1] + appended)
         return t[..., t.shape[-1] - n:] if t.shape[-1] >= n else _pad_front(t, n)
 
-    return AttentionStats(aligned(old.received_sum) + new.received_sum,
-                          torch.maximum(aligned(old.received_max), new.received_max),
-                          torch.maximum(old.query_norm, new.query_norm), new.n_recent)
+    if old.recent is not None and new.recent is not None:
+        keep_old = max(new.n_recent - new.recent.shape[-2], 0)     # rows of earlier calls still in the window
+        recent = new.recent if keep_old == 0 else torch.cat(
+            [aligned(old.recent[..., old.recent.shape[-2] - min(keep_old, old.recent.shape[-2]):, :]),
+             new.recent], dim=-2)
+        received_max = recent.amax(-2)
+    else:                                        # statistics built elsewhere without rows: max over every call
+        recent, received_max = None, torch.maximum(aligned(old.received_max), new.received_max)
+    return AttentionStats(aligned(old.received_sum) + new.received_sum, received_max,
+                          torch.maximum(old.query_norm, new.query_norm), new.n_recent, recent)
 
 
 def _pad_front(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -160,6 +175,6 @@ def slice_stats(st: AttentionStats, s: int, e: int, length: int | None = None) -
     n = st.received_sum.shape[-1]
     off = max(n - length, 0) if length is not None else 0
     s, e = s + off, e + off
-    return AttentionStats(st.received_sum[..., s:e] if e <= n else _pad_stat(st.received_sum, e)[..., s:e],
-                          st.received_max[..., s:e] if e <= n else _pad_stat(st.received_max, e)[..., s:e],
-                          st.query_norm, st.n_recent)
+    part = lambda t: t[..., s:e] if e <= n else _pad_stat(t, e)[..., s:e]      # noqa: E731
+    return AttentionStats(part(st.received_sum), part(st.received_max), st.query_norm, st.n_recent,
+                          part(st.recent) if st.recent is not None else None)

@@ -42,14 +42,19 @@ class AttentionStats:
     received_sum:  [b, kv_heads, T]  attention each key token received, summed over queries
                    and over the query heads of its GQA group (H2O's accumulated attention).
     received_max:  [b, kv_heads, T]  largest attention the key token received from any of the
-                   last `n_recent` queries and any query head of its group (QAQ's a_max).
+                   last `n_recent` queries of the sequence (across calls) and any query head of its
+                   group (QAQ's a_max over its attention window).
     query_norm:    [b, kv_heads]     largest L2 norm of a (post-RoPE) query of the group.
+    recent:        [b, kv_heads, r, T] the attention of each of those last r <= n_recent queries
+                   (oldest first; heads of the group folded by max), or None; `received_max` is its
+                   max over r.
     """
 
     received_sum: torch.Tensor
     received_max: torch.Tensor
     query_norm: torch.Tensor
     n_recent: int
+    recent: torch.Tensor | None = None
 
 
 @dataclass

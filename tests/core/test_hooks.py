@@ -338,3 +338,26 @@ def test_attention_received_matches_brute_force_for_continuations(mask_kind):
         # (<= 1) summed over <= 26 terms, ~1e-6 worst case
         assert torch.allclose(st.received_sum, want_sum, atol=1e-5)
         assert torch.allclose(st.received_max, want_max, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_call", [1, 2, 7])
+def test_received_max_slides_over_the_last_n_recent_queries_across_calls(first_call):
+    """QAQ's attention window in decode: after each call, a_max of key j is the max of its attention
+    over the last n_recent queries of the sequence, whichever calls they came in (a prefill of
+    `first_call` queries, then one per call), brute-forced here from the whole probability matrix."""
+    from kvlab.core.attention import accumulate_stats, attention_received
+    g = torch.Generator().manual_seed(1)
+    b, h, kvh, T, d, n = 1, 4, 2, 12, 8, 3
+    q, k = torch.randn(b, h, T, d, generator=g), torch.randn(b, kvh, T, d, generator=g)
+    causal = torch.arange(T)[None] <= torch.arange(T)[:, None]
+    p = ((q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3).masked_fill(~causal, float("-inf")).softmax(-1)
+    folded = p.view(b, kvh, 2, T, T).amax(2)                       # [b, kvh, query, key]
+    st, t = None, 0
+    for t1 in [first_call] + list(range(first_call + 1, T + 1)):
+        new = attention_received(q[:, :, t:t1], k[:, :, :t1], None, 0.3, 2, n)
+        st = accumulate_stats(st, new, t1 - t)
+        want = folded[:, :, max(0, t1 - n):t1, :t1].amax(2)
+        assert torch.allclose(st.received_max, want, atol=1e-6), t1
+        assert st.recent.shape[-2] == min(n, t1)
+        assert torch.allclose(st.received_sum, p[:, :, :t1, :t1].sum(2).view(b, kvh, 2, t1).sum(2), atol=1e-5)
+        t = t1

@@ -209,11 +209,12 @@ def test_zero_bits_matter_only_at_zero_bits_and_only_on_the_code_grid():
 
 def test_the_code_variants_new_defaults_are_always_in_the_spec():
     """Results are stored under spec strings: the code variant's old specs meant zero_bits=mean and
-    bit_math=fp32, so the new defaults are spelled out; in the paper variant they change nothing."""
+    bit_math=fp32, so the new defaults are spelled out; in the paper variant they change nothing, and its
+    per-step rule (whose old specs meant requant=once) is spelled out instead."""
     assert QAQ(variant="code").spec == "qaq:variant=code,bit_math=fp16,zero_bits=authors"
     assert QAQ(variant="code", zero_bits="mean", bit_math="fp32").spec == "qaq:variant=code,bit_math=fp32,zero_bits=mean"
-    assert QAQ().spec == "qaq" and parse(QAQ(variant="code").spec) == QAQ(variant="code")
-    assert QAQ(booking="authors").spec == "qaq:booking=authors"
+    assert QAQ().spec == "qaq:requant=step" and parse(QAQ(variant="code").spec) == QAQ(variant="code")
+    assert QAQ(booking="authors").spec == "qaq:booking=authors,requant=step"
 
 
 # ---- on a tiny model, through kvlab's prefill-decode protocol --------------------------------------
@@ -280,3 +281,137 @@ def test_tiny_model_prefill_decode_matches_the_authors_pipeline(level):
         m(ids[:, P:], past_key_values=p, use_cache=True)
     for kind, booked in (("k", booked_k), ("v", booked_v)):
         assert sum(float(run.ledger.bits[(i, kind)]) for i in range(2)) == pytest.approx(booked, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper variant's per-step re-quantization (Sec. 4.2), re-derived in a hand-written decode loop
+# ------------------------------------------------------------------------------------------------
+
+
+def _paper_requantize(x, a_max, q_sq, L, kind, *, level, eps_k, eps_v, n_min, n_max, n_recent):
+    """One layer's whole stored region quantized by the paper's rules (Sec. 4.1), from its fp copy x
+    [b, h, T, d]: widths clamp(ceil(log2(R / e_max)), n_min, n_max) with e_max = sqrt(12 / ||q||^2 *
+    ln(L^3 / (L - 1) eps_k^2 + 1)) (keys) or sqrt(12 / L) eps_v / a_max (values); the last n_recent - 1
+    tokens (incomplete window) at n_max; 2^B equal segments of [min, max], values at the segment
+    midpoint (min and segment width as stored, fp16). No outliers. Returns (dequantized, widths [b, h, T])."""
+    b, h, T, d = x.shape
+    g, a, q = x, a_max, q_sq                                     # head level: one group per (token, head)
+    if level == "layer":
+        g = x.transpose(1, 2).reshape(b, T, h * d)[:, None]      # [b, 1, T, h*d]: one group per token
+        a = a_max.amax(1, keepdim=True)
+        q = q_sq.amax(1, keepdim=True)
+    mn, mx = g.amin(-1), g.amax(-1)
+    if kind == "k":
+        e = torch.sqrt(12.0 / q[..., None] * math.log(L ** 3 / (L - 1) * eps_k ** 2 + 1))
+    else:
+        e = math.sqrt(12.0 / L) * eps_v / a.clamp_min(1e-12)
+    bits = torch.ceil(torch.log2((mx - mn) / e) - 1e-5).nan_to_num(n_max, n_max, n_min).clamp(n_min, n_max)
+    bits[..., T - (n_recent - 1):] = n_max
+    lo = mn.half().float()[..., None]
+    s = ((mx - mn)[..., None] / 2.0 ** bits[..., None]).half().float().clamp_min(1e-8)
+    idx = torch.floor((g - lo) / s).clamp(torch.zeros_like(s), 2.0 ** bits[..., None] - 1)
+    xh = lo + (idx + 0.5) * s
+    if level == "layer":
+        xh = xh[:, 0].reshape(b, T, h, d).transpose(1, 2)
+        bits = bits.expand(b, h, T)
+    return xh, bits.long()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("level", ["head", "layer"])
+def test_paper_variant_requantizes_every_stored_token_at_every_decode_step(level):
+    """Sec. 4.2 in decode: before each call every stored token is quantized again from its fp copy with
+    a_max = its largest attention over the last n_recent queries (whichever calls they came in), the
+    current L and the largest ||q||^2 so far. The hand loop below keeps the fp copies, the last n_recent
+    attention rows and the query norms itself (eager attention probabilities, a hook on q_proj), writes
+    the re-quantized region into a plain DynamicCache before each call and must see kvlab's logits, widths
+    and bits at every step."""
+    P, steps = 12, 10
+    cfg = dict(eps_k=1.0, eps_v=0.3, n_min=0, n_max=6, n_recent=4)
+    ids = torch.randint(3, 300, (1, P + steps), generator=torch.Generator().manual_seed(5))
+
+    ref = _mha_llama().model
+    ref.set_attn_implementation("eager")
+    h, d = ref.config.num_key_value_heads, ref.config.hidden_size // ref.config.num_attention_heads
+    qn: dict[int, torch.Tensor] = {}
+
+    def q_hook(i):
+        def hook(mod, inp, out):                          # ||q|| (RoPE is a rotation: norms unchanged)
+            n = out.view(*out.shape[:2], -1, d).norm(dim=-1).amax(1)       # [b, heads]
+            qn[i] = n if i not in qn else torch.maximum(qn[i], n)
+        return hook
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(q_hook(i)) for i, layer in enumerate(ref.model.layers)]
+    cache = DynamicCache(config=ref.config)
+    fp: list[list[torch.Tensor]] = []
+    rows: list[torch.Tensor] = []
+    want_logits, want_bits = [], []
+    try:
+        for t0, t1 in [(0, P)] + [(t, t + 1) for t in range(P, P + steps)]:
+            if t0 > 0:                                    # before the call: re-quantize every stored token
+                T = t0
+                step_bits = []
+                for i, layer in enumerate(cache.layers):
+                    a = rows[i].amax(2)
+                    k, bk = _paper_requantize(fp[i][0], a, qn[i] ** 2, T, "k", level=level, **cfg)
+                    v, bv = _paper_requantize(fp[i][1], a, qn[i] ** 2, T, "v", level=level, **cfg)
+                    layer.keys, layer.values = k, v
+                    step_bits.append((bk, bv))
+                want_bits.append(step_bits)
+            out = ref(ids[:, t0:t1], past_key_values=cache, use_cache=True, output_attentions=True)
+            want_logits.append(out.logits)
+            for i, layer in enumerate(cache.layers):
+                new_k, new_v = layer.keys[..., t0:t1, :], layer.values[..., t0:t1, :]
+                if i == len(fp):
+                    fp.append([new_k.clone(), new_v.clone()])
+                    rows.append(out.attentions[i][:, :, -cfg["n_recent"]:, :])
+                else:
+                    fp[i] = [torch.cat([fp[i][0], new_k], -2), torch.cat([fp[i][1], new_v], -2)]
+                    old = torch.nn.functional.pad(rows[i], (0, t1 - t0))
+                    rows[i] = torch.cat([old, out.attentions[i]], 2)[:, :, -cfg["n_recent"]:, :]
+    finally:
+        for hd in handles:
+            hd.remove()
+
+    m = _mha_llama().model
+    m.set_attn_implementation("eager")
+    got_logits, got_bits, got_step = [], [], []
+    with quantize(m, QAQ(level=level, outliers=0.0, **cfg), protocol="decode") as run:
+        out = m(ids[:, :P], use_cache=True)
+        past = out.past_key_values
+        got_logits.append(out.logits)
+        for t in range(P, P + steps):
+            out = m(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            got_logits.append(out.logits)
+            got_bits.append([(run.info[i]["k"]["bits_k"].clone(), run.info[i]["v"]["bits_v"].clone())
+                             for i in range(len(run.cache.layers))])
+        record = run.step_bits()
+    for step, (want, got) in enumerate(zip(want_bits, got_bits)):
+        for i, ((wk, wv), (gk, gv)) in enumerate(zip(want, got)):
+            assert torch.equal(gk, wk) and torch.equal(gv, wv), (level, step, i)
+    torch.testing.assert_close(torch.cat(got_logits, 1), torch.cat(want_logits, 1), rtol=0, atol=1e-5)
+    # the bits each step read: the whole region at its current widths (32 + 8 metadata bits per group)
+    for step, want in enumerate(want_bits):
+        total = sum(float(((bk + bv) * d).sum()) for bk, bv in want)       # layer level: maps repeat B per head
+        groups = sum(bk.numel() if level == "head" else bk.numel() // h for bk, _ in want) * 2
+        elems = sum(bk.numel() * d for bk, _ in want) * 2
+        assert record["avg_bits"][step] == pytest.approx((total + groups * 40) / elems, rel=1e-6), step
+    # the rule matters: widths of earlier decoded tokens move, and `once` leaves them at n_max
+    last_v = want_bits[-1][0][1][0]
+    assert (last_v[..., P:P + steps - cfg["n_recent"]] < cfg["n_max"]).any()
+    with quantize(m, QAQ(level=level, outliers=0.0, requant="once", **cfg), protocol="decode") as run:
+        past = m(ids[:, :P], use_cache=True).past_key_values
+        for t in range(P, P + steps):
+            past = m(ids[:, t:t + 1], past_key_values=past, use_cache=True).past_key_values
+        assert not run.method.rewrites_stored
+        assert (run.info[0]["v"]["bits_v"] == cfg["n_max"]).all()     # the latest flush: one token, in its window
+
+
+def test_requant_names_the_rule_and_refuses_whole_cache_variants():
+    assert QAQ().requant == "step" and QAQ().rewrites_stored and "requant=step" in QAQ().spec
+    assert parse("qaq:requant=once").spec == "qaq:requant=once" and not parse("qaq:requant=once").rewrites_stored
+    assert QAQ(variant="code").requant is None and "requant" not in parse("qaq-code").spec
+    assert QAQ(level="token").requant is None
+    for bad in ("qaq:variant=code,requant=step", "qaq:level=token,requant=step", "qaq:requant=always"):
+        with pytest.raises(Exception, match="requant"):
+            parse(bad)

@@ -23,13 +23,29 @@ differs (state which one a figure uses):
 | q_norm (keys) | measured: max ||q||^2 over the prompt's queries of the group (the paper uses the 90% quantile of a precomputed distribution) | constant 300, used as the squared norm |
 | grid | 2^B equal segments of [min, max], values rounded to the segment midpoint | centred on the group mean: mu + k s, s = R / 2^B, k in [-2^(B-1), 2^(B-1) - 1] |
 | outliers | beyond the outliers/2 quantiles of the layer's whole tensor (per batch row) | outliers/2 per end *per group* by kthvalue (at least one value per end) |
-| when | per layer as K/V are stored (scope "layer"; "cache" at token level) | once, on the prompt's whole cache after prefill (scope "cache"); later tokens stay fp16 |
+| when | per layer as K/V are stored (scope "layer"; "cache" at token level), and in decode again at every step (`requant="step"`, below) | once, on the prompt's whole cache after prefill (scope "cache"); later tokens stay fp16 |
 
 Both variants take a_max (values) and q_norm as the max over the group's heads (and layers at token
 level), as the code does. `quant="normal"` stores N(0, 1) quantile centres of 2^B equal-probability
 bins after normalising by the group's mean and std (the code's "normal" method, which it never
 combines with attention-aware bits; here it uses the same closed-form bits). `attention_aware=False`
 replaces a_max by 1 (the worst case |S_t| <= 1), so value bits depend only on the token's range.
+
+Per-step re-quantization (paper, Sec. 4.2; `requant`). A token's importance changes as decoding goes on,
+and a quantized token cannot be restored from its codes, so the paper keeps every token's full-precision
+K/V off the accelerator and re-decides its width as the attention window moves. `requant="step"` (the
+paper variant's default at head / layer level) does this in the prefill-decode and decode protocols:
+before every call, each stored token (sink aside) is quantized again from its fp copy (`rewrites_stored`:
+the cache keeps fp shadows) with the current a_max, the max of its attention over the last `n_recent`
+queries of the sequence (`AttentionStats.received_max`, sliding across calls), the current L (its key
+rule) and the current q_norm; the last n_recent - 1 tokens (incomplete window) get n_max. The bits booked
+are the whole region's at its current widths, per step. The fp copies are what the paper moves to CPU
+memory; kvlab counts only what the quantized cache holds (as the paper's compression ratios do).
+`requant="once"` quantizes each token once, when it is flushed, with the statistics of that moment
+(kvlab's rule before this field; in decode every token is then flushed inside its own incomplete window
+and stays at n_max). Scored in one forward (fake, or prefill-decode with the continuation in one call)
+the two rules store the same cache. The code variant and `level="token"` (scope "cache") quantize the
+prompt's cache once after the prefill (`requant` must stay unset there; None = the variant's rule).
 
 Levels: "head" = one group per (token, kv head) of a layer; "layer" = one per (token, layer) over all
 kv heads; "token" = one per token over every layer and head (needs the whole cache: scope "cache").
@@ -96,6 +112,7 @@ VARIANTS = ("paper", "code")
 ZERO_BITS = ("authors", "mean")    # n = 0 on the code grid: mu - R/2 (quantizer.py:249) | mu (kvlab before)
 BIT_MATHS = ("fp16", "fp32")        # code bit rule evaluated in fp16 (the authors' runs) | fp32 (kvlab before)
 BOOKINGS = ("kvlab", "authors")    # bits booked: what a mixed cache stores | quantizer.py:275-276, 286-298
+REQUANTS = ("step", "once")        # paper Sec. 4.2: re-quantize every stored token each step | once, when flushed
 META_BITS = 32          # fp16 scale + fp16 zero point (or mean) per group
 WIDTH_BITS = 8          # per-group bit width, stored only when widths vary (n_min < n_max)
 OUTLIER_BITS = 16 + 32  # fp16 value + int32 index
@@ -115,15 +132,18 @@ class QAQ(Method):
     bit_math: code bit rule in "fp16" (as the authors' fp16 runs; their only 0-bit groups) | "fp32" (former).
     zero_bits: code grid at 0 bits: "authors" (mu - R/2, quantizer.py:249) | "mean" (mu; kvlab's former rule).
     booking: bits booked: "kvlab" (width field, 48 bits per outlier found) | "authors" (quantizer.py:275-298).
+    requant: "step" (paper Sec. 4.2: every stored token re-quantized from its fp copy before each call) |
+             "once" (quantized once when flushed; kvlab's former rule); None (default) = the variant's
+             rule: "step" for the paper variant at head / layer level, else (scope "cache") once.
     """
 
     name = "qaq"
     # the code variant's new defaults are spelled out (results stored under its older spec strings meant
-    # zero_bits=mean, bit_math=fp32 and never answer for the authors' rule); in the paper variant these
-    # fields change nothing, so its specs (and stored results) stay as they were
+    # zero_bits=mean, bit_math=fp32 and never answer for the authors' rule); so is the paper variant's
+    # per-step rule (its older spec strings meant requant=once)
     @property
     def spec_always(self) -> tuple[str, ...]:
-        return ("bit_math", "zero_bits") if self.variant == "code" else ()
+        return ("bit_math", "zero_bits") if self.variant == "code" else (("requant",) if self.requant else ())
 
     eps_k: float = 2.0
     eps_v: float = 0.05
@@ -141,6 +161,18 @@ class QAQ(Method):
     bit_math: str = "fp16"
     zero_bits: str = "authors"
     booking: str = "kvlab"
+    requant: str | None = None
+
+    def __post_init__(self) -> None:
+        # None resolves to the variant's own rule, so an instance (and its spec) always names it
+        if self.requant is None and self.variant == "paper" and self.level != "token":
+            object.__setattr__(self, "requant", "step")
+        super().__post_init__()
+
+    @property
+    def rewrites_stored(self) -> bool:  # type: ignore[override]
+        """Per-step re-quantization: the policy keeps fp shadows and hands over the whole stored region."""
+        return self.requant == "step"
 
     # --- config-dependent interface flags ----------------------------------------------------------
     @property
@@ -171,6 +203,12 @@ class QAQ(Method):
         check_choice(self.name, "zero_bits", self.zero_bits, ZERO_BITS)
         check_choice(self.name, "booking", self.booking, BOOKINGS)
         check_range(self.name, "n_recent", self.n_recent, 1, 1 << 20, integer=True)
+        if self.requant is not None:
+            check_choice(self.name, "requant", self.requant, REQUANTS)
+            if self.requant == "step" and self.scope == "cache":
+                raise KVLabError(f"qaq: requant='step' re-quantizes layer by layer from fp copies (paper, Sec. 4.2); "
+                                 f"variant={self.variant!r}, level={self.level!r} quantizes the prompt's whole cache "
+                                 "once (scope 'cache'). Use variant=paper with level=head or layer, or drop requant")
         if self.q_norm is not None:
             check_range(self.name, "q_norm", self.q_norm, 0, math.inf, lo_open=True, hi_open=True)
 
