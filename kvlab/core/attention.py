@@ -54,7 +54,24 @@ def apply_keep(attention_mask, keep: torch.Tensor, q_len: int, n_groups: int, dt
 def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float,
                        n_groups: int, n_recent: int, softcap: float | None = None,
                        chunk: int = QUERY_CHUNK) -> AttentionStats:
-    """Attention each key token receives, per KV head (its GQA query heads aggregated).
+    """Attention each key token receives, per KV head (its GQA query heads aggregated): `_attend`'s
+    statistics, the model's own kernel computing the output."""
+    return _attend(query, key, None, attention_mask, scaling, n_groups, n_recent, softcap, chunk)[0]
+
+
+def attention_with_stats(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                         scaling: float, n_groups: int, n_recent: int, softcap: float | None = None,
+                         chunk: int = QUERY_CHUNK) -> tuple[torch.Tensor, AttentionStats]:
+    """The attention output [b, q, heads, d] (the layout transformers' attention functions return) computed
+    from the same fp32 probabilities as the statistics, so one pass of softmax serves both: the fake
+    protocol's statistics pass uses it instead of the model's kernel (its logits are discarded; fp32
+    probabilities against sdpa's own: equal to ~1e-6)."""
+    stats, out = _attend(query, key, value, attention_mask, scaling, n_groups, n_recent, softcap, chunk)
+    return out.transpose(1, 2).contiguous().to(query.dtype), stats
+
+
+def _attend(query, key, value, attention_mask, scaling, n_groups, n_recent, softcap, chunk):
+    """Statistics of one attention call and, when `value` is given, its output [b, heads, q, d] (else None).
 
     received_sum[b, g, j] = sum over queries i and heads h in group g of softmax_j(q_i k_j * scale)
     received_max[b, g, j] = max over the last `n_recent` queries and heads of group g (QAQ a_max)
@@ -65,37 +82,55 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, attention_mask, s
     or before its last query (causal LMs), which halves the work of a full prefill.
     """
     b, h, q_len, d = query.shape
-    kv_len = key.shape[-2]
-    k = key.float().repeat_interleave(n_groups, dim=1)
-    total = torch.zeros(b, h, kv_len, device=query.device)
+    kv_len, kvh, g = key.shape[-2], key.shape[1], n_groups
+    kt = key.float().transpose(-1, -2)           # [b, kvh, d, T]: a group's query heads share it (no repeat)
+    total = torch.zeros(b, kvh, kv_len, device=query.device)
     first_recent = max(0, q_len - n_recent)
-    recent = torch.zeros(b, h // n_groups, q_len - first_recent, kv_len, device=query.device)
+    recent = torch.zeros(b, kvh, q_len - first_recent, kv_len, device=query.device)
     offset = kv_len - q_len                      # absolute position of query 0
+    if value is not None:
+        v = value.float()[:, :, None]                                          # [b, kvh, 1, T, dv]
+        out = torch.empty(b, kvh, g, q_len, value.shape[-1], device=query.device)
     for s in range(0, q_len, chunk):
         e = min(q_len, s + chunk)
-        kv_end = offset + e                      # causal: these queries see no key after their last position
-        logits = torch.matmul(query[:, :, s:e].float(), k[:, :, :kv_end].transpose(-1, -2)).mul_(scaling)
+        c, kv_end = e - s, offset + e            # causal: these queries see no key after their last position
+        qc = (query[:, :, s:e].float() * scaling).reshape(b, kvh, g * c, d)    # heads of a group stacked
+        logits = torch.matmul(qc, kt[..., :kv_end]).view(b, kvh, g, c, kv_end)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        if attention_mask is None:
-            q_pos = torch.arange(offset + s, offset + e, device=query.device)[:, None]
-            allowed = torch.arange(kv_end, device=query.device)[None, :] <= q_pos
+        if attention_mask is None:               # causal only: just the chunk's own keys can be in its future
+            logits[..., kv_end - c:].masked_fill_(_future(c, query.device), float("-inf"))
         else:
             mask = attention_mask[..., s:e, -kv_len:][..., :kv_end]
-            allowed = causal_keep_mask(mask, e - s, kv_end, query.device)
+            # [B, 1 | heads, c, kv] -> [B, 1 | kvh, 1 | g, c, kv] (a per-head mask: heads kv-major)
+            grouped = lambda t: t[:, :, None] if t.shape[1] == 1 else t.view(t.shape[0], kvh, g, c, kv_end)  # noqa: E731
             if mask.dtype != torch.bool:
-                logits += mask.float()
-        probs = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
-        total[..., :kv_end] += probs.sum(dim=2)
+                logits += grouped(mask.float())
+            logits.masked_fill_(~grouped(causal_keep_mask(mask, c, kv_end, query.device)), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if attention_mask is not None:           # a fully masked row (padding) is NaN: it attends to nothing
+            probs.nan_to_num_(0.0)
+        total[..., :kv_end] += probs.sum(dim=(2, 3))
+        if value is not None:
+            out[:, :, :, s:e] = torch.matmul(probs, v[..., :kv_end, :])
         if e > first_recent:
             lo = max(0, first_recent - s)                       # the chunk's first query in the window
-            rows = probs[:, :, lo:]
-            rows = rows.view(b, h // n_groups, n_groups, *rows.shape[2:]).amax(2)
-            recent[:, :, s + lo - first_recent:e - first_recent, :kv_end] = rows
+            recent[:, :, s + lo - first_recent:e - first_recent, :kv_end] = probs[:, :, :, lo:].amax(2)
     qn = query.float().norm(dim=-1).amax(dim=-1)                                  # [b, h]
-    fold = lambda t: t.view(b, h // n_groups, n_groups, *t.shape[2:])              # noqa: E731
-    return AttentionStats(received_sum=fold(total).sum(2), received_max=recent.amax(2),
-                          query_norm=fold(qn).amax(2), n_recent=n_recent, recent=recent)
+    stats = AttentionStats(received_sum=total, received_max=recent.amax(2),
+                           query_norm=qn.view(b, kvh, g).amax(2), n_recent=n_recent, recent=recent)
+    return stats, (out.view(b, h, q_len, -1) if value is not None else None)
+
+
+_FUTURE: dict = {}
+
+
+def _future(c: int, device) -> torch.Tensor:
+    """[c, c] bool, True where key j of a chunk lies after query i of the same chunk (cached per size)."""
+    key = (c, str(device))
+    if key not in _FUTURE:
+        _FUTURE[key] = torch.ones(c, c, dtype=torch.bool, device=device).triu(1)
+    return _FUTURE[key]
 
 
 def attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float, n_groups: int,

@@ -23,7 +23,7 @@ from ..errors import KVLabError
 from ..protocols import check_protocol, protocol_class
 from ..quant.base import AttentionStats, Method
 from .arch import AttnSite, Architecture, apply_rope, from_heads, to_heads
-from .attention import accumulate_stats, apply_keep, attention_received, wrapped_attention
+from .attention import accumulate_stats, apply_keep, attention_received, attention_with_stats, wrapped_attention
 from .cache import KVLabCache, KVLabLayer, TokenSpans
 from .capture import Recorder
 from .external import ExternalCache
@@ -271,16 +271,25 @@ class Session:
                                       dtype=torch.bool, device=key.device), layer.keep], dim=-1)
             attention_mask = apply_keep(attention_mask, keep, query.shape[-2], self.arch.n_groups, query.dtype)
         record_attn = self.recorder.wants("attn") and self.phase == "run"
+        out = None
         if record_attn or (self.policy is not None and self.policy.wants_statistics(self.phase)):
             scaling = kwargs.get("scaling") or module.scaling
-            st = attention_received(query, key, attention_mask, scaling, self.arch.n_groups, self.n_recent,
-                                    softcap=kwargs.get("softcap"))
+            if self.phase == "stats" and _plain_attention(module, kwargs):
+                # the fake protocol's statistics pass (its logits are discarded): one fp32 softmax gives
+                # the statistics and the output, instead of a second one beside the model's kernel
+                output, st = attention_with_stats(query, key, value, attention_mask, scaling, self.arch.n_groups,
+                                                  self.n_recent, softcap=kwargs.get("softcap"))
+                out = (output, None)             # (attn_output, attn_weights), as transformers' kernels return
+            else:
+                st = attention_received(query, key, attention_mask, scaling, self.arch.n_groups, self.n_recent,
+                                        softcap=kwargs.get("softcap"))
             self.stats[idx] = accumulate_stats(self.stats[idx], st, query.shape[-2])
             if record_attn:
                 self.recorder.record("attn", idx, st.received_sum)
         if self.recorder.wants("q") and self.phase == "run":
             self.recorder.record("q", idx, query)
-        out = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if out is None:
+            out = original(module, query, key, value, attention_mask, *args, **kwargs)
         # attention-output error at the same queries with fp K/V and no eviction mask, on calls that
         # read a stored cache
         if self.attn_error and layer is not None and layer.ref_keys is not None \
@@ -329,3 +338,10 @@ class Session:
             numbers.update(self.policy.extra_summary())
         return {"method": self.method.spec if self.method is not None else None, "protocol": self.protocol,
                 **numbers}
+
+
+def _plain_attention(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether kvlab's own softmax(q k^T * scale + mask) v reproduces this call (no dropout, no attention
+    sinks or other extras of the kernel)."""
+    return not module.training and not kwargs.get("dropout") and kwargs.get("sinks") is None \
+        and kwargs.get("s_aux") is None

@@ -361,3 +361,68 @@ def test_received_max_slides_over_the_last_n_recent_queries_across_calls(first_c
         assert st.recent.shape[-2] == min(n, t1)
         assert torch.allclose(st.received_sum, p[:, :, :t1, :t1].sum(2).view(b, kvh, 2, t1).sum(2), atol=1e-5)
         t = t1
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_attention_with_stats_output_matches_the_models_kernel(mask_kind, softcap):
+    """The fake protocol's statistics pass takes its output from kvlab's own fp32 probabilities: it must
+    be the eager kernel's output (GQA, continuation over a cache, padding, softcapping) and carry the
+    same statistics as `attention_received`."""
+    from kvlab.core.attention import attention_received, attention_with_stats
+    g = torch.Generator().manual_seed(2)
+    b, h, kvh, q_len, kv_len, d = 2, 6, 2, 11, 23, 8
+    q, k, v = (torch.randn(b, h, q_len, d, generator=g), torch.randn(b, kvh, kv_len, d, generator=g),
+               torch.randn(b, kvh, kv_len, d, generator=g))
+    pos = torch.arange(kv_len - q_len, kv_len)[:, None]
+    allowed = (torch.arange(kv_len)[None] <= pos)[None, None].expand(b, 1, q_len, kv_len).clone()
+    allowed[1, ..., :3] = False
+    mask = {"none": None, "bool": allowed,
+            "float": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    if mask_kind == "none":
+        allowed[1, ..., :3] = True
+    logits = (q @ k.repeat_interleave(3, dim=1).transpose(-1, -2)) * 0.3
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(3, dim=1)
+    for chunk in (4, 64):
+        out, st = attention_with_stats(q, k, v, mask, 0.3, 3, 2, softcap=softcap, chunk=chunk)
+        assert out.shape == (b, q_len, h, d)
+        torch.testing.assert_close(out, want.transpose(1, 2), rtol=0, atol=1e-5)
+        ref = attention_received(q, k, mask, 0.3, 3, 2, softcap=softcap, chunk=chunk)
+        assert torch.equal(st.received_sum, ref.received_sum) and torch.equal(st.received_max, ref.received_max)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_pass_from_own_probabilities_matches_the_models_kernel(family):
+    """Every family (sliding windows, softcapping, q/k norms): in the fake statistics pass the attention
+    output comes from kvlab's probabilities; each attention module's output there must be what the
+    model's own kernel gives (fp32 rounding), and so must the statistics."""
+    from kvlab.core import session as session_mod
+    lm = models.tiny(family)
+    m, ids = lm.model, _ids(1, 40)
+    seen = {}
+    for own in (True, False):
+        plain = session_mod._plain_attention
+        session_mod._plain_attention = (lambda module, kwargs: own) if not own else plain
+        first = {}                               # per layer: the first call's output (the statistics pass)
+        def keep_first(mod, inp, out, i):
+            first.setdefault(i, out[0].clone())
+
+        hooks = [layer.self_attn.register_forward_hook(lambda mod, inp, out, i=i: keep_first(mod, inp, out, i))
+                 for i, layer in enumerate(m.model.layers)]
+        try:
+            with quantize(m, "qaq-low", protocol="fake") as run:
+                m(ids)
+                seen[own] = (first, [s.received_sum.clone() for s in run.stats])
+        finally:
+            session_mod._plain_attention = plain
+            for hd in hooks:
+                hd.remove()
+    (out_own, st_own), (out_ref, st_ref) = seen[True], seen[False]
+    for i in out_ref:
+        scale = out_ref[i].abs().max()
+        torch.testing.assert_close(out_own[i] / scale, out_ref[i] / scale, rtol=0, atol=1e-5)
+    for a, b in zip(st_own, st_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
