@@ -63,7 +63,7 @@ from ...errors import KVLabError
 from ..base import CalibrationNeeds, Captured, LayerContext, Method, Quantized, check_choice, check_range
 from ..kvquant_rules import (AUTHORS_CALIB_LEN, AUTHORS_CALIB_ROWS, FISHER, cap_count, cap_fit_mask,
                              cap_outlier_mask, fisher_weights, nf_signposts, sink_tokens_mask)
-from ..primitives import (SCALE_BITS, ZERO_BITS, group_minmax, kmeans_codebook, outlier_bits,
+from ..primitives import (SCALE_BITS, ZERO_BITS, _fp16, group_minmax, kmeans_codebook, outlier_bits,
                           quantile_along, quantize_to_codebook, round_to_codebook, split_outliers,
                           uniform_codebook)
 from ..registry import preset, register
@@ -247,8 +247,8 @@ class KVQuant(Method):
                 flat = k.permute(1, 3, 0, 2).reshape(k.shape[1], k.shape[3], -1)   # [H, D, n*T]
                 lo = quantile_along(flat, rho / 2, -1)
                 hi = quantile_along(flat, 1 - rho / 2, -1)
-                out["k_lo"].append(lo.half().float())
-                out["k_hi"].append(hi.half().float())
+                out["k_lo"].append(_fp16(lo))
+                out["k_hi"].append(_fp16(hi))
             if not (self.kmeans or self.qnorm):
                 continue
             for kind, x, g in (("k", k, kgrads), ("v", v, vgrads)):
@@ -289,7 +289,7 @@ class KVQuant(Method):
             zh = round_to_codebook(zs, cb if cb is not None else uniform_codebook(self.bits, zs.device))
             a = zs.std(unbiased=False) / zh.std(unbiased=False).clamp_min(1e-12)
             b = zs.mean() - a * zh.mean()
-            qn = torch.stack([a, b]).half().float().cpu()
+            qn = _fp16(torch.stack([a, b])).cpu()
         return (None if cb is None else cb.cpu()), qn
 
     # ------------------------------------------------------------------ quantization
@@ -324,7 +324,7 @@ class KVQuant(Method):
         cb, mask, bits, lo = e["codebook"], e["mask"], e["meta_bits"], e["lo"]
         xh, code_bits = quantize_to_codebook(x, cb, offset=e["offset"], scale=e["scale"], levels=e["levels"])
         if mask is not None:
-            xh = torch.where(mask, x.half().to(x.dtype), xh)
+            xh = torch.where(mask, _fp16(x).to(x.dtype), xh)
             bits = bits + outlier_bits(mask).to(x.device)
         bits = bits + code_bits
         if ctx.start <= self.sink_tokens:          # the layer's first chunk: per-layer tables, once

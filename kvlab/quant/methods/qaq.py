@@ -104,6 +104,7 @@ import torch
 from ...errors import KVLabError
 from ..allocation import qaq_bits, qaq_key_emax, qaq_value_emax
 from ..base import LayerContext, Method, Quantized, check_choice, check_range
+from ..primitives import _fp16
 from ..registry import preset, register
 
 LEVELS = ("token", "layer", "head")
@@ -406,7 +407,7 @@ def code_bits_fp16(R: torch.Tensor, e_max: torch.Tensor, n_min: int, n_max: int,
     torch's fp16 kernels do. 1 + y rounds to 1 for y <= 2^-11, so groups with R < ~1e-3 x 2 e_max get
     0 bits here (in fp32 only for y < ~7e-6: `qaq_bits`).
     """
-    h = lambda t: t.half().float()                                          # noqa: E731
+    h = lambda t: t.half().float()      # the authors' fp16 arithmetic: overflow is inf there too  # noqa: E731
     r = h(R.float())
     e = e_max.float() if torch.is_tensor(e_max) else torch.tensor(float(e_max), device=r.device)
     two_e = h(2.0 * h(e)) if e_is_fp16 else 2.0 * e
@@ -448,8 +449,8 @@ def dequant_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: s
     b = bits.float()[..., None]
     levels = 2.0 ** b
     if grid == "mean":
-        m = mu.half().float()[..., None]
-        s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
+        m = _fp16(mu)[..., None]
+        s = _fp16((mx - mn)[..., None] / levels).clamp_min(1e-8)
         half = 2.0 ** (b - 1)
         q = torch.round((xg - m) / s).clamp(min=-half, max=half - 1)      # B = 0: clamp to [-1/2, -1/2]
         if zero == "mean":
@@ -465,13 +466,13 @@ def encode_groups(xg: torch.Tensor, bits: torch.Tensor, mn, mx, mu, sd, grid: st
     [0, 2^B - 1]; p0, p1 [*G, 1] fp16-valued float32): midpoint (min, segment width), normal (mean, std)."""
     levels = 2.0 ** bits.float()[..., None]
     if grid == "midpoint":
-        lo = mn.half().float()[..., None]
-        s = ((mx - mn)[..., None] / levels).half().float().clamp_min(1e-8)
+        lo = _fp16(mn)[..., None]
+        s = _fp16((mx - mn)[..., None] / levels).clamp_min(1e-8)
         idx = torch.floor((xg - lo) / s).clamp(min=torch.zeros_like(levels), max=levels - 1)
         return idx, lo, s
     if grid == "normal":
-        m = mu.half().float()[..., None]
-        s = sd.half().float()[..., None].clamp_min(1e-8)
+        m = _fp16(mu)[..., None]
+        s = _fp16(sd)[..., None].clamp_min(1e-8)
         p = torch.special.ndtr((xg - m) / s)
         idx = torch.minimum(torch.floor(p * levels), levels - 1)
         return idx, m, s

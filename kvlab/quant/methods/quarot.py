@@ -59,7 +59,7 @@ import torch
 
 from ...errors import KVLabError
 from ..base import LayerContext, Method, Quantized, check_range
-from ..primitives import SCALE_BITS, ZERO_BITS, hadamard_matrix
+from ..primitives import SCALE_BITS, ZERO_BITS, _fp16, hadamard_matrix
 from ..registry import preset, register
 
 
@@ -108,12 +108,12 @@ def rtn_encode(x: torch.Tensor, bits: int, group: int, *, asym: bool, clip_ratio
     hi, lo = hi * clip_ratio, lo * clip_ratio
     if asym:
         maxq = float(2 ** bits - 1)
-        scale = ((hi - lo) / maxq).half().float().clamp_min(1e-8)
+        scale = _fp16((hi - lo) / maxq).clamp_min(1e-8)
         zero = torch.round(-lo / scale)
         q = (torch.round(xg / scale) + zero).clamp(0.0, maxq)
         return q, scale, zero
     maxq = float(2 ** (bits - 1) - 1)
-    scale = (torch.maximum(lo.abs(), hi) / maxq).half().float().clamp_min(1e-8)
+    scale = _fp16(torch.maximum(lo.abs(), hi) / maxq).clamp_min(1e-8)
     return torch.round(xg / scale).clamp(-maxq - 1.0, maxq), scale, None
 
 
