@@ -176,7 +176,7 @@ def _window_logits(lm: LoadedModel, w: torch.Tensor, spec: EvalSpec) -> torch.Te
 
 
 def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | None = None,
-             progress: bool = True, measure_bytes: bool = False, **spec_kwargs) -> EvalResult:
+             progress: bool = True, measure_bytes: bool = False, pack: bool = False, **spec_kwargs) -> EvalResult:
     """Perplexity, KL to fp, top-1 agreement and accounted bits of `method` on `spec`'s windows.
 
     `evaluate(lm, "kivi-2", data="wiki", n_tokens=2048, window=512, protocol="fake")`
@@ -189,6 +189,10 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     `measure_bytes=True` also packs every stored span into real tensors (`kvlab.pack`) and adds
     `packed_bytes` (accounted) and `packed_bytes_measured` to the metrics (not stored in the results
     store: they describe the run, not the method's quality).
+
+    `pack=True` (prefill-decode / decode) runs the cache in its packed form (`kvlab.quantize(..., pack=True)`:
+    the same logits, bit for bit) and adds `cache_resident_bytes` (what the last window's cache held
+    between calls) and `packed_bytes_measured` to the metrics (not stored either).
     """
     from tqdm.auto import tqdm
 
@@ -205,7 +209,7 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     pos_sums = torch.zeros(3, spec.window - 1, dtype=torch.float64, device=lm.device)   # nll, kl, top1 per position
     pos_count = torch.zeros(spec.window - 1, dtype=torch.float64)
     with quantize(lm.model, method, protocol=spec.protocol, attn_error=spec.attn_error,
-                  measure_bytes=measure_bytes) as run:
+                  measure_bytes=measure_bytes, pack=pack) as run:
         for i, w in enumerate(tqdm(windows, desc=method.spec, disable=not progress, leave=False)):
             sl = _scored_slice(spec, i)
             logits = _window_logits(lm, w, spec)
@@ -227,8 +231,10 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     s = run.summary()
     metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err",
                                       "attn_rel_err", "avg_bits_step_mean", "avg_bits_end") if k in s})
-    if measure_bytes:
+    if measure_bytes or pack:
         metrics.update(packed_bytes=s["packed_bytes"], packed_bytes_measured=s["packed_bytes_measured"])
+    if pack:
+        metrics.update({k: s[k] for k in s if k.startswith("cache_resident")})
     layers, info = run.layer_report(), run.info
     metrics = {"model": lm.model_id, "data": spec.key, "label": label, "method": method.spec,
                "protocol": spec.protocol, **metrics}

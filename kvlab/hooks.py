@@ -35,7 +35,7 @@ def _module(model) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def quantize(model, method: Method | str, protocol: str = "fake", attn_error: bool = False,
-             measure_bytes: bool = False) -> Iterator[Session]:
+             measure_bytes: bool = False, pack: bool = False) -> Iterator[Session]:
     """Quantize the KV cache of `model` (an nn.Module or LoadedModel) with `method` inside the block.
 
     The model is restored exactly on exit, also when the block raises. With `attn_error=True` every
@@ -48,9 +48,17 @@ def quantize(model, method: Method | str, protocol: str = "fake", attn_error: bo
     (`kvlab.pack`) and `run.summary()["packed_bytes_measured"]` sums their bytes (fp16 sink and window
     tokens at 2 bytes each) beside the accounted `packed_bytes`; it costs a second quantization of each
     span and host syncs. Methods without packed storage are refused when the block opens.
+
+    With `pack=True` (protocols prefill-decode and decode, layer-scope methods `kvlab.pack` supports) the
+    cache holds what a packed cache stores: each flush's span as a `kvlab.pack.Packed` chunk, the fp16
+    sink and pending tokens as dense tensors; the dense K/V each attention call reads is rebuilt (unpack
+    + concat) per call and released after it. The logits are bit-identical to the same run without it;
+    `run.summary()` adds `cache_resident_bytes` (what the cache holds between calls; parts `_packed`,
+    `_fp`, `_aux`) and `packed_bytes_measured`. It costs a second quantization per flush (packing) and
+    the unpacking of the whole cache per call.
     """
     session = Session(_module(model), parse(method), protocol, attn_error=attn_error,
-                      measure_bytes=measure_bytes).install()
+                      measure_bytes=measure_bytes, pack=pack).install()
     try:
         yield session
     finally:

@@ -42,7 +42,7 @@ from .quant.packing import exact_float, pack_bits, uniform_decode, uniform_encod
 from .quant.primitives import _fp16, _grouped, _ungrouped, hadamard_matrix, uniform_codebook
 from .quant.registry import parse
 
-__all__ = ["Packed", "pack", "unpack", "measured_bytes", "register_packer", "supported"]
+__all__ = ["Packed", "pack", "unpack", "measured_bytes", "register_packer", "supported", "enable_packed_cache"]
 
 
 @dataclass
@@ -102,6 +102,41 @@ def _entry(method) -> tuple[PackFn, UnpackFn]:
         raise KVLabError(f"kvlab.pack: method '{method.name}' ({type(method).__qualname__}, spec "
                          f"'{method.spec}') has no packed storage; methods with one: {', '.join(supported())}")
     return entry
+
+
+def enable_packed_cache(session) -> None:
+    """`kvlab.quantize(..., pack=True)`: the session's cache layers hold the packed form (`Packed` chunks, one
+    per flush, and the fp sink / pending tokens) and rebuild the dense K/V per call (`kvlab.core.cache`).
+
+    For the prefill-decode and decode protocols, kvlab's own cache (not an HF QuantizedCache, which packs
+    itself), full-attention layers and a layer-scope method with packed storage; anything else is a
+    KVLabError naming what to change. Call before the session's first forward."""
+    method = session.method
+    spec = method.spec if method is not None else None
+    if session.protocol not in ("prefill-decode", "decode"):
+        raise KVLabError(f"pack=True: protocol '{session.protocol}' keeps no cache between calls to pack; use "
+                         "protocol='decode' or 'prefill-decode', or drop pack=True")
+    if method is None or session.policy is None:
+        raise KVLabError(f"pack=True: '{spec}' brings its own cache (an HF QuantizedCache holds its packed form "
+                         "itself: `kvlab.core.external.ExternalCache.resident_bytes`); drop pack=True for it")
+    if method.scope != "layer":
+        raise KVLabError(f"pack=True: '{spec}' quantizes the whole cache at once (scope '{method.scope}'), not span "
+                         f"by span; packed caches cover layer-scope methods ({', '.join(supported())}); drop "
+                         "pack=True for it")
+    entry = _PACKERS.get(type(method))
+    if entry is None:
+        raise KVLabError(f"pack=True: method '{method.name}' (spec '{spec}') has no packed storage in kvlab.pack; "
+                         f"methods with one: {', '.join(supported())}. Drop pack=True, or register a packer "
+                         "(kvlab.pack.register_packer)")
+    from .quant.methods.hf_cache import sliding_layers
+
+    sliding = sliding_layers(session.model.config)
+    if sliding:
+        raise KVLabError(f"pack=True: the model has sliding-window layers ({sliding[:4]}...), whose stored tokens "
+                         "shift; packed caches cover full-attention layers only. Drop pack=True for this model")
+    session.pack = True                      # read by each KVLabLayer when the cache is built
+    session.policy.pack = True
+    session.ledger.measuring = True          # the chunks' bytes: packed_bytes_measured
 
 
 def pack(method: Method | str, x: torch.Tensor, ctx: LayerContext, keep: torch.Tensor | None = None) -> Packed:

@@ -20,10 +20,20 @@ records or defers them; the layer itself only keeps the bookkeeping the protocol
 When a protocol quantizes stored tokens it writes them into the layer's `keys` / `values` in place
 where that is safe (`write_tokens`), so a tensor taken from a layer earlier (`cache.layers[i].keys`)
 shows the tokens quantized since: clone it to keep a snapshot.
+
+Packed layers (`kvlab.quantize(..., pack=True)`, prefill-decode and decode): the layer holds, per kind,
+a `PackedStore` of its fp head (the sink), the quantized region as `kvlab.pack.Packed` chunks (one per
+flush, as the protocol hands them over) and its fp tail (the pending tokens). `update` rebuilds the
+dense K/V (unpack + concat, pre-RoPE chunks rotated with the layer's cos/sin), lets the session flush
+and append as for any layer, returns the dense tensors to the attention and keeps only the store:
+between calls `keys` / `values` are meta-device placeholders (shape and dtype, no memory; reading
+their values raises) and the dense tensors die with the attention call. `dense()` rebuilds them on
+demand; `cache_resident_bytes(cache)` sums what a cache holds, packed or not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -72,11 +82,17 @@ class KVLabLayer:
         self.last_new = 0        # tokens added by the latest update (not yet part of the stored cache)
         self.quantized_k = 0     # keys booked under the method in this sequence (a sliding layer may
         self.quantized_v = 0     # have dropped some of them since); values likewise
+        # pack=True (`kvlab.quantize`): the packed store; None = the dense cache transformers keeps
+        self.packed: PackedStore | None = PackedStore() if getattr(session, "pack", False) else None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         session = self._kvlab
+        if self.packed is not None:
+            self._restore_dense()
         key_states, value_states = session.before_store(self, key_states, value_states)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.packed is not None:              # keep the store; the dense tensors live only in this call
+            self._release_dense()
         new = key_states.shape[-2]
         self.n_seen += new
         self.last_new = new
@@ -137,6 +153,63 @@ class KVLabLayer:
         """Tokens a sliding-window layer has already dropped from its front."""
         return self.n_seen - self.stored_length
 
+    # -- packed layers (pack=True) -------------------------------------------------------------------
+    def add_chunk(self, kind: str, packed, s: int, e: int, rope: bool = False, replace: bool = False) -> None:
+        """The protocol stored tokens s..e of `kind` as `packed` (`kvlab.pack.Packed`); `rope`: its values
+        are pre-RoPE keys, rotated with `self.rope[s:e]` when rebuilt; `replace`: it replaces every chunk
+        (a method that re-derives its whole region, PM-KVQ)."""
+        self.packed.add(kind, packed, s, e, rope, replace)
+
+    def _rebuild(self, kind: str) -> torch.Tensor:
+        store = self.packed
+        parts = [store.head[kind]] if store.head[kind] is not None else []
+        t0 = time.perf_counter()
+        for c in store.chunks[kind]:
+            x = c.packed.unpack()
+            if c.rope:
+                from .arch import apply_rope      # lazily: arch imports nothing from here, but keep the graph flat
+                cos, sin = self.rope
+                x = apply_rope(self._kvlab.arch.sites[self.layer_idx].module, x, cos[:, c.s:c.e], sin[:, c.s:c.e])
+            parts.append(x)
+        store.seconds["unpack"] += time.perf_counter() - t0
+        if store.tail[kind] is not None:
+            parts.append(store.tail[kind])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V a call reads, as dense tensors: the layer's own for a dense layer; rebuilt from the
+        store for a packed one (a copy: the layer keeps holding only its store)."""
+        if self.packed is None or not self.is_initialized or not self.keys.is_meta:
+            return self.keys, self.values
+        return self._rebuild("k"), self._rebuild("v")
+
+    def _restore_dense(self) -> None:
+        """Before a call: the dense K/V from the store, where the session's flush and transformers' append
+        expect them."""
+        if not self.is_initialized or not self.keys.is_meta:
+            return
+        T = self.keys.shape[-2]
+        k, v = self._rebuild("k"), self._rebuild("v")
+        if k.shape[-2] != T or v.shape[-2] != T:
+            raise KVLabError(f"pack=True: layer {self.layer_idx} holds {k.shape[-2]} packed tokens but reports {T}: "
+                             "the cache was cropped or reordered outside kvlab, which a packed cache does not "
+                             "support; run without pack=True")
+        self.keys, self.values = k, v
+
+    def _release_dense(self) -> None:
+        """After the append: keep the fp head and tail (copies: a slice would keep the dense tensor alive)
+        and the chunks; `keys` / `values` become meta placeholders."""
+        store = self.packed
+        for kind, name in (("k", "keys"), ("v", "values")):
+            x = getattr(self, name)
+            cs, ce = store.covered(kind)
+            if ce > x.shape[-2]:
+                raise KVLabError(f"pack=True: layer {self.layer_idx} {name}: chunks cover tokens {cs}..{ce} of "
+                                 f"{x.shape[-2]}")
+            store.head[kind] = x[..., :cs, :].clone() if cs else None
+            store.tail[kind] = x[..., ce:, :].clone() if ce < x.shape[-2] else None
+            setattr(self, name, torch.empty(x.shape, dtype=x.dtype, device="meta"))
+
     def token_spans(self, kind: str | None = None) -> TokenSpans:
         """Sink / quantized / full-precision spans of this layer's stored tokens, under the session's
         method and protocol (a capture-only session quantizes nothing: everything is full precision).
@@ -153,6 +226,109 @@ class KVLabLayer:
         if kind is not None and getattr(policy, "spans_per_kind", False):
             return policy.token_spans(self, kind)
         return policy.token_spans(self)
+
+
+@dataclass
+class Chunk:
+    """One flush's tokens s..e of one kind, packed; `rope`: pre-RoPE keys (rotated when rebuilt)."""
+
+    packed: object
+    s: int
+    e: int
+    rope: bool = False
+
+
+@dataclass
+class PackedStore:
+    """What a packed layer holds between calls, per kind ("k", "v"): fp head (sink tokens), the packed
+    chunks of the quantized region (contiguous, in order), fp tail (tokens not yet quantized)."""
+
+    head: dict = field(default_factory=lambda: {"k": None, "v": None})
+    chunks: dict = field(default_factory=lambda: {"k": [], "v": []})
+    tail: dict = field(default_factory=lambda: {"k": None, "v": None})
+    seconds: dict = field(default_factory=lambda: {"unpack": 0.0, "pack": 0.0})   # time spent, for benchmarks
+
+    def covered(self, kind: str) -> tuple[int, int]:
+        """Tokens [start, end) the chunks of `kind` cover ((0, 0): none)."""
+        c = self.chunks[kind]
+        return (c[0].s, c[-1].e) if c else (0, 0)
+
+    def add(self, kind: str, packed, s: int, e: int, rope: bool = False, replace: bool = False) -> None:
+        if e <= s:
+            return
+        chunks = self.chunks[kind]
+        if replace:
+            chunks.clear()
+        elif chunks and chunks[-1].e != s:
+            raise KVLabError(f"pack=True: a chunk of tokens {s}..{e} does not follow the stored ones "
+                             f"({chunks[0].s}..{chunks[-1].e})")
+        for d in (packed.data, packed.side):     # compact: a view would keep a larger temporary alive
+            for name, t in d.items():
+                if t.untyped_storage().nbytes() > t.nbytes:
+                    d[name] = t.clone()
+        if chunks:                           # per-layer tables (codebooks, thresholds): one copy per layer
+            prev = chunks[-1].packed.tables
+            for name, t in packed.tables.items():
+                if name in prev and prev[name].shape == t.shape and prev[name].dtype == t.dtype \
+                        and torch.equal(prev[name], t):
+                    packed.tables[name] = prev[name]
+        chunks.append(Chunk(packed, s, e, rope))
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Every tensor held, by part: "packed" (chunk data, tables, side tensors), "fp" (head, tail)."""
+        out = {"packed": [], "fp": []}
+        for kind in "kv":
+            for c in self.chunks[kind]:
+                p = c.packed
+                out["packed"] += list(p.data.values()) + list(p.tables.values()) + list(p.side.values())
+            out["fp"] += [t for t in (self.head[kind], self.tail[kind]) if t is not None]
+        return out
+
+
+_SHADOWS = ("k_pre", "fp_keys", "fp_values", "keep", "ref_keys", "ref_values")
+
+
+def cache_resident_bytes(cache) -> dict[str, int]:
+    """Bytes a cache holds now (between calls), by part, each storage counted once (views of one tensor,
+    tables shared by chunks, cos/sin shared by layers):
+
+      packed   the `Packed` chunks of packed layers (codes, metadata, outliers, tables, side tensors);
+      fp       full-precision K/V: a dense layer's `keys` / `values`, a packed layer's head and tail;
+      aux      what kvlab's simulation keeps beside them: pre-RoPE keys of pending tokens and the cos/sin
+               to rotate them (`key_site="pre_rope"`), fp shadows (`rewrites_stored`), keep masks,
+               the attn_error reference (ref_keys / ref_values);
+      total    the sum.
+    A transformers layer that is not kvlab's (an HF QuantizedCache) is measured by
+    `kvlab.core.external.ExternalCache.resident_bytes`."""
+    seen: set[tuple] = set()
+    sizes = {"packed": 0, "fp": 0, "aux": 0}
+
+    def add(part: str, t) -> None:
+        if t is None or not torch.is_tensor(t) or t.is_meta or t.numel() == 0:
+            return
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if key in seen:
+            return
+        seen.add(key)
+        sizes[part] += st.nbytes()
+
+    for layer in cache.layers:
+        if not isinstance(layer, KVLabLayer) or not layer.is_initialized:
+            continue
+        if layer.packed is not None:
+            for part, ts in layer.packed.tensors().items():
+                for t in ts:
+                    add(part, t)
+        add("fp", layer.keys)                    # a dense layer (placeholders of a packed one count nothing)
+        add("fp", layer.values)
+        for name in _SHADOWS:
+            add("aux", getattr(layer, name, None))
+        if layer.rope is not None:
+            for t in layer.rope:
+                add("aux", t)
+    sizes["total"] = sum(sizes.values())
+    return sizes
 
 
 def write_tokens(stored: torch.Tensor, s: int, e: int, new: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ class ExternalCache:
         self.records: list[dict] = []             # one per finished sequence
         self.current: dict | None = None          # the live sequence's cache, before its latest call
         self.current_layers: list[dict] = []      # the same, per layer
+        self.cache = None                         # the live sequence's cache
 
     def new_cache(self):
         """Close the current sequence and build the cache of the next one."""
@@ -34,7 +35,8 @@ class ExternalCache:
         self.current, self.current_layers = None, []
         self.sequence += 1
         self.step_in_sequence = 0
-        return self.method.make_cache(self.config)
+        self.cache = self.method.make_cache(self.config)      # the live sequence's cache (`resident_bytes`)
+        return self.cache
 
     def before_call(self, cache) -> None:
         """A later call of the sequence is about to read `cache`: record what it stores."""
@@ -50,6 +52,32 @@ class ExternalCache:
             tokens = max((r["k_elems"] for r in self.current_layers), default=0) // per_token
             self.step_where.append((self.sequence, self.step_in_sequence, tokens))
             self.step_in_sequence += 1
+
+    def resident_bytes(self, cache=None) -> dict[str, int]:
+        """Bytes the cache (default: the live sequence's) holds now, from its state, in the parts of
+        `kvlab.core.cache.cache_resident_bytes`: "packed" (the backend's quantized tensors: codes, scales,
+        zero points, each inner tensor of quanto's / HQQ's containers), "fp" (the residual keys / values in
+        the model's dtype), "aux" 0, "total"."""
+        import torch
+
+        from ..quant.methods.hf_cache import _storage_bytes
+
+        out = {"packed": 0, "fp": 0, "aux": 0}
+        cache = cache if cache is not None else self.cache
+        for layer in getattr(cache, "layers", []) if cache is not None else []:
+            for name in ("_quantized_keys", "_quantized_values"):
+                q = getattr(layer, name, None)
+                for t in (q if isinstance(q, (tuple, list)) else (q,)):
+                    if isinstance(t, dict):          # HQQ's meta: its scale and zero tensors
+                        out["packed"] += sum(_storage_bytes(v) for v in t.values() if torch.is_tensor(v))
+                    elif t is not None and torch.is_tensor(t):
+                        out["packed"] += _storage_bytes(t)
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if torch.is_tensor(t) and t.dim() == 4:
+                    out["fp"] += t.numel() * t.element_size()
+        out["total"] = sum(out.values())
+        return out
 
     def step_record(self) -> dict:
         """Decode: the per-step record in the format of `kvlab.protocols.decode.Decode.step_record`."""

@@ -36,7 +36,7 @@ class Session:
     def __init__(self, model: torch.nn.Module, method: Method | None = None, protocol: str = "fake",
                  capture: Iterable[str] = (), max_tokens: int | None = None, to: str | None = None,
                  retain_grad: bool = False, n_recent: int = 1, attn_error: bool = False,
-                 measure_bytes: bool = False):
+                 measure_bytes: bool = False, pack: bool = False):
         policy_cls = protocol_class(protocol)
         if method is not None:
             check_protocol(method, protocol)
@@ -79,6 +79,10 @@ class Session:
         self._one_device = len({p.device for p in model.parameters()}) <= 1    # else: device_map
         self._handles: list = []
         self._orig_attn: str | None = None
+        self.pack = False                         # the cache holds the packed form (`kvlab.pack.enable_packed_cache`)
+        if pack:
+            from ..pack import enable_packed_cache
+            enable_packed_cache(self)
 
     @property
     def protocol(self) -> str:

@@ -90,7 +90,9 @@ class Decode(PrefillDecode):
                 "kind_bits": (bits / elems).numpy()}
 
     def extra_summary(self) -> dict:
+        packed = super().extra_summary()         # pack=True: the cache's resident bytes
         if not self.booked:
-            return {"avg_bits_step_mean": float("nan"), "avg_bits_end": float("nan"), "decode_steps": 0}
+            return {"avg_bits_step_mean": float("nan"), "avg_bits_end": float("nan"), "decode_steps": 0, **packed}
         avg = self.step_record()["avg_bits"]
-        return {"avg_bits_step_mean": float(avg.mean()), "avg_bits_end": float(avg[-1]), "decode_steps": len(avg)}
+        return {"avg_bits_step_mean": float(avg.mean()), "avg_bits_end": float(avg[-1]), "decode_steps": len(avg),
+                **packed}

@@ -14,6 +14,14 @@ Per-method traits it honours: `sink` (fp16 tokens at the start), `residual` (fp1
 `token_group`, `key_site="pre_rope"` (keys quantized before RoPE, then rotated with the layer's own
 cos/sin), `rewrites_stored` (the whole quantized region re-derived from fp shadows at each flush,
 PM-KVQ's progressive cache) and `scope="cache"` (one call over every layer, after the prefill).
+
+`pack=True` (`kvlab.quantize`; `self.pack`): each flush also packs its span (`kvlab.pack.pack`, the
+same input and context as the method's call) and hands the `Packed` chunk to the layer
+(`KVLabLayer.add_chunk`; a `rewrites_stored` method's region replaces the layer's chunks), which
+then holds chunks + fp head/tail between calls and rebuilds the dense K/V per call
+(`kvlab.core.cache`); the chunks' bytes go to the ledger (`packed_bytes_measured`). Pre-RoPE keys
+are kept for the pending tokens only, and the layers share one cos/sin table where the model hands
+every layer the same one. `extra_summary` adds `cache_resident_bytes` (and its parts).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from .base import Protocol
 
 class PrefillDecode(Protocol):
     name = "prefill-decode"
+    pack = False                                 # set by `kvlab.quantize(..., pack=True)`
 
     def begin_sequence(self, args: tuple, kwargs: dict) -> None:
         self.whole_cache_done = False            # scope="cache": quantized once, after the prefill
@@ -50,12 +59,33 @@ class PrefillDecode(Protocol):
             pre = session.pending_pre.pop(idx)
             layer.k_pre = pre if layer.k_pre is None else torch.cat([layer.k_pre, pre], dim=-2)
             cos, sin = session.rope[idx]
-            layer.rope = (cos, sin) if layer.rope is None else (
+            shared = self._shared_rope(layer, cos) if self.pack else None
+            layer.rope = shared if shared is not None else (cos, sin) if layer.rope is None else (
                 torch.cat([layer.rope[0], cos], dim=-2), torch.cat([layer.rope[1], sin], dim=-2))
         if m.rewrites_stored:
             layer.fp_keys = k if layer.fp_keys is None else torch.cat([layer.fp_keys, k], dim=-2)
             layer.fp_values = v if layer.fp_values is None else torch.cat([layer.fp_values, v], dim=-2)
         return k, v
+
+    def _shared_rope(self, layer: KVLabLayer, cos: torch.Tensor):
+        """pack=True: layer 0's cos/sin when this call handed every layer the same ones and layer 0's
+        table covers exactly this layer's tokens (one table for the cache, not one per layer); else None."""
+        session = self.session
+        if layer.layer_idx == 0 or session.rope.get(0, (None,))[0] is not cos:
+            return None
+        first = session.cache.layers[0]
+        mine = layer.rope[0].shape[-2] if layer.rope is not None else 0
+        if first.rope is None or first.rope[0].shape[-2] != mine + cos.shape[-2]:
+            return None
+        if layer.rope is not None and layer.rope[0].untyped_storage().data_ptr() != \
+                first.rope[0].untyped_storage().data_ptr() and not torch.equal(layer.rope[0], first.rope[0][:, :mine]):
+            return None
+        return first.rope
+
+    def _k_pre(self, layer: KVLabLayer, s: int, e: int, T: int) -> torch.Tensor:
+        """Pre-RoPE keys of stored tokens s..e (a packed layer keeps only its pending ones: offset)."""
+        off = T - layer.k_pre.shape[-2]
+        return layer.k_pre[..., s - off:e - off, :]
 
     def _flush(self, layer: KVLabLayer) -> None:
         """Quantize, per kind, the oldest `method.flush_count(kind, pending, T)` pending tokens (K, then V)."""
@@ -89,12 +119,15 @@ class PrefillDecode(Protocol):
         for kind, s, e, n in spans:              # K first, then V (the ledger's and the checks' order)
             if kind == "k":
                 if m.key_site == "pre_rope":
-                    src = layer.k_pre[..., s:e, :]
+                    src = self._k_pre(layer, s, e, T)
                 else:
                     src = layer.fp_keys[..., s:e, :] if m.rewrites_stored else layer.keys[..., s:e, :]
             else:
                 src = layer.fp_values[..., s:e, :] if m.rewrites_stored else layer.values[..., s:e, :]
-            q = self.apply(idx, kind, src, self.context(idx, kind, s, e, T), replace=m.rewrites_stored)
+            ctx = self.context(idx, kind, s, e, T)
+            q = self.apply(idx, kind, src, ctx, replace=m.rewrites_stored)
+            if self.pack:
+                self._pack_span(layer, kind, src, ctx, s, e)
             if kind == "k":
                 k_new = q.x
                 if m.key_site == "pre_rope":
@@ -114,6 +147,41 @@ class PrefillDecode(Protocol):
             full = layer.keep if layer.keep is not None else torch.ones(
                 *layer.keys.shape[:2], T, dtype=torch.bool, device=keep.device)
             layer.keep = torch.cat([full[..., :s], keep, full[..., e:]], dim=-1)
+        if self.pack and m.key_site == "pre_rope" and layer.k_pre is not None:
+            keep_from = T - layer.pending_k      # the flushed keys' pre-RoPE copies are no longer needed
+            off = T - layer.k_pre.shape[-2]
+            if keep_from > off:
+                layer.k_pre = layer.k_pre[..., keep_from - off:, :]   # `store` concatenates next: a new tensor
+
+    def _pack_span(self, layer: KVLabLayer, kind: str, src: torch.Tensor, ctx, s: int, e: int) -> None:
+        """pack=True: the span as the method stores it (`kvlab.pack`), handed to the layer as a chunk."""
+        import time
+
+        from ..pack import pack
+
+        m, session = self.method, self.session
+        t0 = time.perf_counter()
+        p = pack(m, src, ctx)
+        layer.packed.seconds["pack"] += time.perf_counter() - t0
+        layer.add_chunk(kind, p, s, e, rope=kind == "k" and m.key_site == "pre_rope", replace=m.rewrites_stored)
+        if not session.measure_bytes:            # measure_bytes books its own packing of the span (Protocol.apply)
+            session.ledger.packed(layer.layer_idx, kind, p.nbytes, replace=m.rewrites_stored)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """What the live cache holds now (between calls), by part: `kvlab.core.cache.cache_resident_bytes`."""
+        from ..core.cache import cache_resident_bytes
+
+        cache = self.session.cache
+        if cache is None:
+            return {"packed": 0, "fp": 0, "aux": 0, "total": 0}
+        return cache_resident_bytes(cache)
+
+    def extra_summary(self) -> dict:
+        if not self.pack:
+            return {}
+        r = self.resident_bytes()
+        return {"cache_resident_bytes": r["total"], "cache_resident_packed_bytes": r["packed"],
+                "cache_resident_fp_bytes": r["fp"], "cache_resident_aux_bytes": r["aux"]}
 
     def _quantize_whole_cache(self) -> None:
         layers = self.session.cache.layers
