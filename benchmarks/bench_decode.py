@@ -17,7 +17,7 @@ while other jobs ran; `--memory-tokens 0` skips the memory part.
 
 Per-token time. Each configuration runs on its own twin of the model (the same weight tensors,
 its own modules, so every kvlab block is open at once); after the prefills the decode steps go
-round robin (bare, fp16, int4, kivi-2, hf, then the order rotated by one at the next step), so a
+round robin (bare, fp16, int4, kivi-2, stats, hf, then the order rotated by one at the next step), so a
 change in machine load hits every configuration alike. Per repeat, a configuration's time per
 token (the mean over the steps, flush steps included) is divided by bare's in the same repeat;
 the line shows the median over `--repeats` repeats, the other clock's ratio in brackets and the
@@ -32,6 +32,9 @@ on a loaded machine with `--threads 1` (with more threads it also counts their s
                      layer (K and V), so this is the protocol plus one small method call per layer;
 * `kivi-2` <= 1.20   KIVI 2-bit, the authors' flush: one value leaves the fp window every step, 128 keys
                      every 128 steps;
+* `stats`  <= 1.20   an identity method that asks for attention statistics (`bench_hooks._StatsOnly`):
+                     every step computes the new query's attention over the cache in fp32 beside the
+                     model's kernel and slides the per-layer statistics (QAQ's attention window);
 * `hf-quanto-int2`   HF's QuantizedCache (quanto backend), printed as a reference, no target: its
                      cost is HF's, not kvlab's.
 
@@ -80,9 +83,13 @@ from transformers.cache_utils import DynamicCache
 import kvlab
 from kvlab.threads import pin_threads
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_hooks import _StatsOnly  # noqa: E402  (the identity that asks for attention statistics)
+
 # (name, method spec or None for the bare loop, per-token target, memory target)
 CONFIGS = [("bare", None, None, None), ("fp16", "fp16", 1.10, 1.05), ("int4", "int4", 1.20, 1.10),
-           ("kivi-2", "kivi-2", 1.20, 1.10), ("hf-quanto-int2", "hf-quanto-int2", None, None)]
+           ("kivi-2", "kivi-2", 1.20, 1.10), ("stats", _StatsOnly(), 1.20, None),
+           ("hf-quanto-int2", "hf-quanto-int2", None, None)]
 MEMORY_CONFIGS = ("bare", "fp16", "kivi-2", "int4")
 MEMORY_STEPS = 16
 DECODE_MARK = "bench_decode.steps"
