@@ -28,6 +28,17 @@ class ExternalCache:
         self.current_layers: list[dict] = []      # the same, per layer
         self.cache = None                         # the live sequence's cache
 
+    def attach(self, model) -> None:
+        """The block opens: a method that acts on the model itself as well (a kvpress press enters
+        `with press(model):`) does so through its `attach(model)`, which returns how to undo it."""
+        self._detach = self.method.attach(model)
+
+    def detach(self) -> None:
+        """The block closes: undo `attach` (hooks removed, the model as it was)."""
+        detach, self._detach = getattr(self, "_detach", None), None
+        if detach is not None:
+            detach()
+
     def new_cache(self):
         """Close the current sequence and build the cache of the next one."""
         if self.current is not None:

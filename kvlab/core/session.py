@@ -113,12 +113,16 @@ class Session:
                                                                                with_kwargs=True))
             if self.wants_attention_fn:
                 self._switch_attention()
+            if self.external is not None:
+                self.external.attach(self.model)
         except BaseException:
             self.remove()
             raise
         return self
 
     def remove(self) -> None:
+        if self.external is not None:
+            self.external.detach()
         for h in self._handles:
             h.remove()
         self._handles.clear()

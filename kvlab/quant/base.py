@@ -241,6 +241,12 @@ class Method:
         of the cache as it stands after the last query [b, kvh, kv] (what the bits count)."""
         raise NotImplementedError(f"{type(self).__name__} has no per-query simulation")
 
+    # --- methods that bring their own cache (`replaces_cache`) may also act on the model ---------
+    def attach(self, model: torch.nn.Module) -> Callable[[], None] | None:
+        """Called when a kvlab block opens on `model` (a kvpress press enters `with press(model):`);
+        returns the function the block calls when it closes, or None when there is nothing to undo."""
+        return None
+
     # --- calibration (needs_calibration) -------------------------------------------------------
     def calibration_needs(self, calib_tokens: int) -> CalibrationNeeds | None:
         """What to capture for `fit` from rows of `calib_tokens` tokens (None: no calibration needed)."""

@@ -26,14 +26,15 @@ What kvpress does (read from the kvpress 0.5.5 wheel):
   `position_ids = context_length + i`: RoPE positions continue from the original length while the
   cache holds fewer tokens.
 
-How kvlab runs a press: the method brings its own cache (`replaces_cache`, as the HF QuantizedCache
-comparators, `kvlab.core.external`): `make_cache(config)` returns a `PressCache`, a `DynamicCache`
-that (1) calls the press's own `forward_hook` after each attention call that reads this cache, through
-a process-wide forward hook that ignores every other call and is removed once every layer was pressed
-(kvlab hands a cache-replacing method the config, not the model; the model's rotary embedding is set
-on the attention module only for that call, so the model is left as it was), and (2) reports the
-original length as its sequence length with the evicted tokens as the mask offset, so the continuation
-gets the positions kvpress's pipeline gives it and a causal mask over the kept tokens plus itself.
+How kvlab runs a press: as its authors do, `with press(model):` for the whole kvlab block (the session
+calls `KVPress.attach(model)` when the block opens and the returned detach when it closes), so the press's
+own `forward_hook` runs after every attention call and compresses the cache during the prefill. The method
+also brings its own cache (`replaces_cache`, as the HF QuantizedCache comparators, `kvlab.core.external`):
+`make_cache(config)` returns a `PressCache`, a `DynamicCache` that counts the tokens each layer was given
+and reports that original length as its sequence length with the evicted tokens as the mask offset, so
+the continuation gets the positions kvpress's pipeline gives it and a causal mask over the kept tokens
+plus itself. kvpress sets `self_attn.rotary_emb` on every attention module for good (base_press.py:202,
+ExpectedAttention reads it); detaching removes what it added, so the model is left as it was.
 Presses act during the prefill only, so the protocols are prefill-decode and decode; the fake
 (teacher-forced) protocol has no prefill to press and is refused (`kvlab.protocols.check_protocol`).
 
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +57,7 @@ from ..registry import preset, register, unavailable
 from .hf_cache import HFQuantizedCache, sliding_layers
 
 VERSION = "0.5.5"
+SNAPKV_WINDOW = 64     # SnapKVPress.window_size (presses/snapkv_press.py), the queries it scores with
 # kvlab's name -> kvpress class (all ScorerPress subclasses with kvpress's defaults)
 PRESSES = {"streamingllm": "StreamingLLMPress", "snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress",
            "knorm": "KnormPress"}
@@ -103,13 +104,30 @@ class KVPress(Method):
         """The kvpress press object (raises KVLabError when kvpress is missing or broken)."""
         return getattr(_import_kvpress(), PRESSES[self.press])(compression_ratio=float(self.ratio))
 
+    def attach(self, model: torch.nn.Module):
+        """Enter `with press(model):` for a kvlab block (the session calls this when the block opens);
+        returns the function that leaves it and removes the `rotary_emb` attributes kvpress set."""
+        press = self.build_press()
+        attns = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+        had = {id(m) for m in attns if "rotary_emb" in m._modules or hasattr(m, "rotary_emb")}
+        context = press(model)
+        context.__enter__()
+
+        def detach() -> None:
+            context.__exit__(None, None, None)
+            for m in attns:
+                if id(m) not in had and hasattr(m, "rotary_emb"):
+                    delattr(m, "rotary_emb")
+        return detach
+
     def make_cache(self, config):
         """A fresh `PressCache` for one sequence."""
         sliding = sliding_layers(config)
         if sliding:
             raise KVLabError(f"kvpress: this model has sliding-window layers {sliding}; kvlab runs the presses on "
                              "models whose every layer is full attention")
-        return press_cache_class()(config, self.build_press(), self.press)
+        _import_kvpress()                        # without kvpress: the error naming the fix, here too
+        return press_cache_class()(config, self.press)
 
     def quantize(self, x: torch.Tensor, ctx: LayerContext) -> Quantized:
         raise KVLabError("kvpress: a press evicts from the whole cache after the prefill (make_cache); run it with "
@@ -150,23 +168,32 @@ def press_cache_class() -> type:
     class PressCache(DynamicCache):
         """A DynamicCache pressed after the prefill by a kvpress press; see the module docstring.
 
-        `evicted[layer]` counts the tokens the press removed; `original_length(layer)` = stored + evicted."""
+        `given[layer]` counts the tokens the model handed the layer (stored + evicted); `evicted` the
+        tokens the press removed since."""
 
-        def __init__(self, config, press, label: str):
+        def __init__(self, config, label: str):
             super().__init__(config=config)
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-            self.press, self.label = press, label
+            self.label = label
             self.n_layers = int(text.num_hidden_layers)
-            self.evicted: dict[int, int] = {}
-            hook = _AfterAttention(weakref.ref(self))
-            hook.handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
-            weakref.finalize(self, hook.handle.remove)
+            self.given: dict[int, int] = {}
+
+        def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+            if self.label == "snapkv" and not self.given.get(layer_idx) and key_states.shape[-2] <= SNAPKV_WINDOW:
+                raise KVLabError(f"kvpress snapkv: the prefill has {key_states.shape[-2]} tokens; SnapKV scores them "
+                                 f"with its last window_size={SNAPKV_WINDOW} queries and needs more (a longer prefill)")
+            self.given[layer_idx] = self.given.get(layer_idx, 0) + key_states.shape[-2]
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+        @property
+        def evicted(self) -> dict[int, int]:
+            return {i: n - self.stored_length(i) for i, n in self.given.items()}
 
         def stored_length(self, layer_idx: int = 0) -> int:
             return super().get_seq_length(layer_idx)
 
         def original_length(self, layer_idx: int = 0) -> int:
-            return self.stored_length(layer_idx) + self.evicted.get(layer_idx, 0)
+            return self.given.get(layer_idx, 0)
 
         # the original length: the continuation's positions follow it (kvpress's pipeline passes
         # position_ids = context_length + i), and `is_prefilling` sees a non-empty cache after the prefill
@@ -177,7 +204,7 @@ def press_cache_class() -> type:
         # before every new position, and the new ones are causal among themselves
         def get_mask_sizes(self, query, layer_idx: int):
             kv_length, kv_offset = super().get_mask_sizes(query, layer_idx)
-            return kv_length, kv_offset + self.evicted.get(layer_idx, 0)
+            return kv_length, kv_offset + self.original_length(layer_idx) - self.stored_length(layer_idx)
 
         def kept_fraction(self) -> float:
             """Stored / original tokens over the layers (1.0 before the prefill)."""
@@ -185,63 +212,6 @@ def press_cache_class() -> type:
             return sum(self.stored_length(i) for i in range(len(self.layers))) / orig if orig else 1.0
 
     return PressCache
-
-
-class _AfterAttention:
-    """Process-wide forward hook: after an attention call reading its cache, run the press's forward_hook."""
-
-    def __init__(self, cache_ref):
-        self.cache_ref, self.handle, self.pressed = cache_ref, None, set()
-
-    def __call__(self, module, args, kwargs, output):
-        cache = self.cache_ref()
-        if cache is None:
-            self.handle.remove()
-            return None
-        if kwargs.get("past_key_values") is not cache or "hidden_states" not in kwargs:
-            return None
-        idx = getattr(module, "layer_idx", None)
-        if idx is None or not type(module).__name__.endswith("Attention"):
-            return None
-        idx = int(idx)
-        layer = cache.layers[idx]
-        before = layer.keys.shape[-2]
-        q_len = kwargs["hidden_states"].shape[1]
-        if cache.label == "snapkv" and before == q_len and q_len <= cache.press.window_size:
-            self.handle.remove()
-            raise KVLabError(f"kvpress snapkv: the prefill has {q_len} tokens; SnapKV scores them with its last "
-                             f"window_size={cache.press.window_size} queries and needs more (a longer prefill)")
-        # ExpectedAttention reads self_attn.rotary_emb, which base_press.py:202 sets for good; here only for this call
-        own = cache.label == "expected" and getattr(module, "rotary_emb", None) is None
-        if own:
-            module.rotary_emb = _rotary_of(module)
-        try:
-            cache.press.forward_hook(module, args, kwargs, output)
-        finally:
-            if own:
-                del module.rotary_emb
-        after = layer.keys.shape[-2]
-        if after != before:
-            cache.evicted[idx] = cache.evicted.get(idx, 0) + before - after
-        self.pressed.add(idx)
-        if len(self.pressed) >= cache.n_layers:      # presses act in the prefill only: done
-            self.handle.remove()
-        return None
-
-
-def _rotary_of(module):
-    """The model's rotary embedding for an attention module (kvpress reads `self_attn.rotary_emb`,
-    which it sets from `model.model.rotary_emb`, base_press.py:197-202); the kvlab session installed on
-    the model names the model on each attention module (`_kvlab_session`)."""
-    session = getattr(module, "_kvlab_session", None)
-    model = getattr(session, "model", None)
-    inner = getattr(model, "model", None)
-    inner = getattr(inner, "language_model", inner)
-    rot = getattr(inner, "rotary_emb", None)
-    if rot is None:
-        raise KVLabError("kvpress: cannot find the model's rotary embedding (model.model.rotary_emb) for "
-                         f"{type(module).__name__}; run the press inside kvlab.quantize / kvlab.evaluate")
-    return rot
 
 
 def preset_name(press: str, ratio: float) -> str:
