@@ -38,8 +38,9 @@ from .quant.methods.qaq import QAQ, decode_groups, encode_groups
 from .quant.methods.qhitter import QHitter, rounded_zero_encode
 from .quant.methods.quarot import QuaRot, rtn_decode, rtn_encode
 from .quant.methods.uniform import Uniform
-from .quant.packing import exact_float, pack_bits, uniform_decode, uniform_encode, unpack_bits
-from .quant.primitives import _fp16, _grouped, _ungrouped, hadamard_matrix, uniform_codebook
+from .quant.packing import exact_float, pack_bits, unpack_bits
+from .quant.primitives import (_fp16, _grouped, _ungrouped, hadamard_matrix, uniform_codebook, uniform_decode,
+                               uniform_encode)
 from .quant.registry import parse
 
 __all__ = ["Packed", "pack", "unpack", "measured_bytes", "register_packer", "supported", "enable_packed_cache"]
@@ -166,6 +167,13 @@ def measured_bytes(method: Method | str, x: torch.Tensor, ctx: LayerContext,
 # =============================================================================================
 # shared pieces
 # =============================================================================================
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """An fp16 field as the methods round it (`primitives._fp16`: saturating at +-65504, so a bf16/fp32 value
+    beyond fp16's range is stored as 65504, as the method used it, not inf); `t.half()` for every value within
+    fp16's range, and a no-op rounding on values the method already rounded with `_fp16`."""
+    return _fp16(t).half()
+
+
 def _codes(data: dict, name: str, codes: torch.Tensor, bits: int) -> None:
     data[name] = pack_bits(codes, bits)
 
@@ -292,22 +300,23 @@ def _pack_kvquant(method: KVQuant, x, ctx, keep) -> Packed:
     if e["lo"] is None:       # online ranges, per value token (all heads) or per key channel group
         if ctx.kind == "v":
             lay["meta"] = "token"
-            p.data["offset"] = off.expand(x.shape)[:, 0, :, 0].half()          # [b, T]
-            p.data["scale"] = _fp16(e["scale"].float()).expand(x.shape)[:, 0, :, 0].half()
+            p.data["offset"] = _half(off.expand(x.shape)[:, 0, :, 0])          # [b, T]
+            p.data["scale"] = _half(e["scale"].float().expand(x.shape)[:, 0, :, 0])
         else:
             g = method.group or x.shape[-2]
             lay["meta"], lay["group"] = "channel", g
-            p.data["offset"] = off.expand(x.shape)[..., ::g, :].half()         # [b, H, ceil(T/g), D]
-            p.data["scale"] = _fp16(e["scale"].float()).expand(x.shape)[..., ::g, :].half()
+            p.data["offset"] = _half(off.expand(x.shape)[..., ::g, :])         # [b, H, ceil(T/g), D]
+            p.data["scale"] = _half(e["scale"].float().expand(x.shape)[..., ::g, :])
     else:
-        p.tables["k_lo"] = e["lo"][0, :, 0, :].half()
-        p.tables["k_hi"] = e["hi"][0, :, 0, :].half()
+        p.tables["k_lo"] = _half(e["lo"][0, :, 0, :])
+        p.tables["k_hi"] = _half(e["hi"][0, :, 0, :])
     if method.kmeans:
-        p.tables["codebook"] = cb.half()
+        p.tables["codebook"] = _half(cb)
     if e["qnorm"] is not None:
-        p.tables["qnorm"] = e["qnorm"].half()
+        p.tables["qnorm"] = _half(e["qnorm"])
     if e["mask"] is not None:
-        _outliers(p.data, x.reshape(-1), e["mask"], x.reshape(-1)[e["mask"].reshape(-1).nonzero().squeeze(1)].half())
+        # the method keeps its outliers at `_fp16(x)` (saturating), stored as fp16
+        _outliers(p.data, x.reshape(-1), e["mask"], _half(x.reshape(-1)[e["mask"].reshape(-1).nonzero().squeeze(1)]))
     return p
 
 
@@ -361,7 +370,7 @@ def _pack_qaq(method: QAQ, x, ctx, keep) -> Packed:
     xg, bits, mask = plan["groups"], plan["bits"], plan["mask"]
     mn, mx, mu, sd = plan["stats"]
     idx, p0, p1 = encode_groups(xg, bits, mn, mx, mu, sd, plan["grid"])
-    p.data["p0"], p.data["p1"] = p0.squeeze(-1).half(), p1.squeeze(-1).half()
+    p.data["p0"], p.data["p1"] = _half(p0.squeeze(-1)), _half(p1.squeeze(-1))
     widths = bits.expand(xg.shape[:-1])
     varies = method.n_min < method.n_max
     if varies:
@@ -462,7 +471,7 @@ def _pack_quarot(method: QuaRot, x, ctx, keep) -> Packed:
     p = _new(method, x, ctx)
     offset = 0 if method.asym else 1 << (bits - 1)
     _codes(p.data, "codes", q + offset, bits)
-    p.data["scale"] = scale.squeeze(-1).half()
+    p.data["scale"] = _half(scale.squeeze(-1))
     if zero is not None:
         p.data["zero"] = exact_float(zero.squeeze(-1), (torch.float16, torch.int32))  # integers: fp16 up to 2048
     p.layout = {"bits": bits, "group": plan["group"], "offset": offset, "rotate": plan["h"] is not None}

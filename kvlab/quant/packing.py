@@ -1,5 +1,5 @@
-"""Packed storage helpers for `kvlab.pack`: b-bit codes in integer words, exact metadata dtypes, and the
-codes of `primitives.quantize_uniform` (which `kvlab.pack` reproduces bit for bit).
+"""Packed storage helpers for `kvlab.pack`: b-bit codes in integer words and exact metadata dtypes. (The codes
+themselves come from the quantizers, e.g. `primitives.uniform_encode` for `quantize_uniform`.)
 
 Bit streams are little-endian and least significant bit first: code i occupies bits [i*b, (i+1)*b) of
 the stream, so codes cross word boundaries when b does not divide the word (3, 5, 6, 7 bits) and a
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVLabError
-from .primitives import _fp16, _grouped, _scalar_bits, _ungrouped
 
 MAX_CODE_BITS = 16
 _WORD_BITS = {torch.uint8: 8, torch.int32: 32}
@@ -84,46 +83,3 @@ def exact_float(t: torch.Tensor, candidates=(torch.float16, torch.bfloat16, torc
         if bool(((back == t) | (back.isnan() & t.isnan())).all()):
             return c
     return t
-
-
-# =============================================================================================
-# quantize_uniform's codes (plain int bits)
-# =============================================================================================
-def uniform_encode(x: torch.Tensor, bits: int, *, dim: int = -1, group: int | None = None,
-                   symmetric: bool = False) -> dict:
-    """The codes and fp16 metadata `primitives.quantize_uniform(x, bits, dim=, group=)` dequantizes with
-    (center "minmax", plain int bits): {"codes": x's shape, unsigned in [0, 2^b - 1] (symmetric: offset
-    by 2^(b-1)), "scale": fp16 [..., n_groups] (before the 1e-8 clamp), "zero": fp16 minimum [...,
-    n_groups] (asymmetric)}. Repeats quantize_uniform's operations one for one; the tests check the
-    decoded tensor against quantize_uniform's bit for bit."""
-    xg, n = _grouped(x, dim, group)
-    xf = xg.float()
-    b, levels, zero = _scalar_bits(bits, x.device)
-    out = {}
-    if symmetric:
-        half = 2.0 ** (b - 1) - 1
-        raw = _fp16(xf.abs().amax(-1, keepdim=True) / half)
-        q = torch.round(xf / raw.clamp_min(1e-8)).clamp(min=-half - 1, max=half)
-        q = q + float(1 << (int(bits) - 1))
-    else:
-        mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-        mn = _fp16(mn)
-        raw = _fp16((mx - mn) / levels)
-        q = torch.round((xf - mn) / raw.clamp_min(1e-8)).clamp(min=zero, max=levels)
-        out["zero"] = mn.squeeze(-1).half()
-    out["scale"] = raw.squeeze(-1).half()
-    out["codes"] = _ungrouped(q, dim, n).to(torch.int32)
-    return out
-
-
-def uniform_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, *,
-                   dim: int = -1, group: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x_hat from `uniform_encode`'s parts (codes in x's shape): min + q * scale, or q * scale symmetric."""
-    cg, n = _grouped(codes, dim, group)
-    q = cg.float()
-    scale = scale.float().unsqueeze(-1).clamp_min(1e-8)
-    if zero is None:
-        xh = (q - float(1 << (int(bits) - 1))) * scale
-    else:
-        xh = zero.float().unsqueeze(-1) + q * scale
-    return _ungrouped(xh.to(dtype), dim, n)

@@ -90,6 +90,36 @@ def _bits_tensor(bits, x: torch.Tensor, dim: int) -> torch.Tensor:
     return b.unsqueeze(-1)
 
 
+def _uniform_codes(xf: torch.Tensor, b: torch.Tensor, levels: torch.Tensor | None, zero: torch.Tensor | None,
+                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The uniform quantizer's integer codes on grouped float32 values xf [..., n_groups, g] (center "minmax"):
+    (q, scale, raw, mn), all but q [..., n_groups, 1]: raw the fp16-valued scale (what an fp16 field stores;
+    it may be 0, or slightly negative where fp16 rounds mn above mx), scale = raw clamped at 1e-8 (what
+    divides and dequantizes), mn the fp16-valued minimum.
+
+    asymmetric: q = round((x - mn) / scale) in [0, 2^b - 1], scale = (mx - mn) / (2^b - 1), x_hat = mn + q * scale.
+    symmetric:  q = round(x / scale) in [-2^(b-1), 2^(b-1) - 1], scale = absmax / (2^(b-1) - 1), mn None,
+    x_hat = q * scale. `b`, `levels` (2^b - 1), `zero` (0): float32 tensors broadcastable to [..., n_groups, 1]
+    (`levels` and `zero` unused, may be None, when symmetric).
+    The one place these codes are computed: `quantize_uniform` dequantizes them, `uniform_encode` (kvlab.pack)
+    stores them."""
+    if symmetric:
+        half = 2.0 ** (b - 1) - 1
+        raw = _fp16(xf.abs().amax(-1, keepdim=True) / half)
+        scale = raw.clamp_min(1e-8)
+        return torch.round(xf / scale).clamp(min=-half - 1, max=half), scale, raw, None
+    mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    mn = _fp16(mn)
+    raw = _fp16((mx - mn) / levels)
+    scale = raw.clamp_min(1e-8)
+    return torch.round((xf - mn) / scale).clamp(min=zero, max=levels), scale, raw, mn
+
+
+def _check_symmetric_bits(bits) -> None:
+    if (bits < 2).any() if torch.is_tensor(bits) else float(bits) < 2:
+        raise KVLabError("symmetric uniform quantization needs bits >= 2 (use symmetric=False for 1 bit)")
+
+
 def quantize_uniform(x: torch.Tensor, bits, *, dim: int = -1, group: int | None = None,
                      symmetric: bool = False, center: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest uniform quantization; returns (dequantized x, total stored bits).
@@ -99,31 +129,27 @@ def quantize_uniform(x: torch.Tensor, bits, *, dim: int = -1, group: int | None 
     symmetric: levels k*s, s = absmax / (2^(b-1) - 1), k in [-2^(b-1), 2^(b-1) - 1] (needs b >= 2).
     `bits` is an int or a tensor shaped like x with `dim` reduced to 1 (mixed precision per group
     row, e.g. QAQ's per-token bits). Bits stored: b per element + fp16 scale (+ fp16 zero) per group.
+    The codes of the minmax and symmetric grids are `_uniform_codes`' (stored by `uniform_encode`).
     """
     xg, n = _grouped(x, dim, group)
     xf = xg.float()
     b = _bits_tensor(bits, x, dim)
     if symmetric:
-        if (b < 2).any() if torch.is_tensor(bits) else float(bits) < 2:
-            raise KVLabError("symmetric uniform quantization needs bits >= 2 (use symmetric=False for 1 bit)")
-        half = 2.0 ** (b - 1) - 1
-        scale = _fp16(xf.abs().amax(-1, keepdim=True) / half).clamp_min(1e-8)
-        q = torch.round(xf / scale).clamp(min=-half - 1, max=half)
+        _check_symmetric_bits(bits)
+        q, scale, _, _ = _uniform_codes(xf, b, None, None, True)
         xh = q * scale
         meta = SCALE_BITS
     else:
-        mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
         if center == "mean":
+            mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
             mu = _fp16(xf.mean(-1, keepdim=True))
             scale = _fp16((mx - mn) / 2.0 ** b).clamp_min(1e-8)
             q = torch.round((xf - mu) / scale).clamp(min=-(2.0 ** (b - 1)), max=2.0 ** (b - 1) - 1)
             xh = mu + q * scale
         elif center == "minmax":
-            mn = _fp16(mn)
             levels, zero = _scalar_bits(bits, x.device)[1:] if not torch.is_tensor(bits) else \
                 (2.0 ** b - 1, torch.zeros_like(b))
-            scale = _fp16((mx - mn) / levels).clamp_min(1e-8)
-            q = torch.round((xf - mn) / scale).clamp(min=zero, max=levels)
+            q, scale, _, mn = _uniform_codes(xf, b, levels, zero, False)
             xh = mn + q * scale
         else:
             raise KVLabError(f"center must be 'minmax' or 'mean', got {center!r}")
@@ -140,6 +166,41 @@ def quantize_uniform(x: torch.Tensor, bits, *, dim: int = -1, group: int | None 
         code_bits = code_bits - (b.expand(xg.shape[:-2] + (1, 1)).sum() if b.dim() else b * xg.shape[:-2].numel()) * pad
     total = code_bits + n_groups * meta
     return _ungrouped(xh.to(x.dtype), dim, n), total
+
+
+def uniform_encode(x: torch.Tensor, bits: int, *, dim: int = -1, group: int | None = None,
+                   symmetric: bool = False) -> dict:
+    """What a packed cache stores for `quantize_uniform(x, bits, dim=, group=, symmetric=)` (center "minmax",
+    plain int bits): the codes it dequantized (`_uniform_codes`), as {"codes": int32 in x's shape, unsigned in
+    [0, 2^b - 1] (symmetric: offset by 2^(b-1)), "scale": fp16 [..., n_groups], "zero": fp16 minimum
+    [..., n_groups] (asymmetric only)}. `uniform_decode` rebuilds quantize_uniform's tensor bit for bit."""
+    if symmetric:
+        _check_symmetric_bits(bits)
+    xg, n = _grouped(x, dim, group)
+    b, levels, zero = _scalar_bits(bits, x.device)
+    q, _, raw, mn = _uniform_codes(xg.float(), b, levels, zero, symmetric)
+    out = {}
+    if symmetric:
+        q = q + float(1 << (int(bits) - 1))
+    else:
+        out["zero"] = mn.squeeze(-1).half()
+    out["scale"] = raw.squeeze(-1).half()        # before the 1e-8 clamp (`uniform_decode` clamps again)
+    out["codes"] = _ungrouped(q, dim, n).to(torch.int32)
+    return out
+
+
+def uniform_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, *,
+                   dim: int = -1, group: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_hat from `uniform_encode`'s parts (codes in x's shape): min + q * scale, or (q - 2^(b-1)) * scale
+    symmetric; `quantize_uniform`'s dequantization, in `dtype`."""
+    cg, n = _grouped(codes, dim, group)
+    q = cg.float()
+    scale = scale.float().unsqueeze(-1).clamp_min(1e-8)
+    if zero is None:
+        xh = (q - float(1 << (int(bits) - 1))) * scale
+    else:
+        xh = zero.float().unsqueeze(-1) + q * scale
+    return _ungrouped(xh.to(dtype), dim, n)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -30,10 +30,11 @@ def stats(received_sum=None, received_max=None, query_norm=None, shape=(1, 1, 4)
                           query_norm if query_norm is not None else torch.ones(b, h), n_recent=1)
 
 
-def decode_with_keep_sets(model, spec, ids, prefill):
+def decode_with_keep_sets(model, spec, ids, prefill, keep_sets=True):
     """Prefill `prefill` tokens of ids, then one token per forward inside `quantize(model, spec,
     protocol="decode")`. Returns (run, logits of every call concatenated, per step after each decode
-    call: per layer, per KV head of batch 0, the kept positions of the stored tokens read before it)."""
+    call: per layer, per KV head of batch 0, the kept positions of the stored tokens read before it).
+    `keep_sets=False` (methods that evict nothing, e.g. KIVI): the third item is None."""
     from kvlab.hooks import quantize
 
     kept = []
@@ -44,9 +45,10 @@ def decode_with_keep_sets(model, spec, ids, prefill):
             out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits.append(out.logits)
-            kept.append([[torch.nonzero(row[:-1]).flatten().tolist() for row in layer.keep[0]]
-                         for layer in run.cache.layers])
-    return run, torch.cat(logits, 1), kept
+            if keep_sets:
+                kept.append([[torch.nonzero(row[:-1]).flatten().tolist() for row in layer.keep[0]]
+                             for layer in run.cache.layers])
+    return run, torch.cat(logits, 1), kept if keep_sets else None
 
 
 def eager_calls(model, ids, prefill):

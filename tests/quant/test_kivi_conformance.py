@@ -27,6 +27,7 @@ from kvlab import models
 from kvlab.hooks import quantize
 from kvlab.quant import parse
 from kvlab.quant.base import LayerContext
+from quant_helpers import decode_with_keep_sets
 
 R, G = 8, 4                      # residual, group (R % G == 0, as the authors assert at line 132)
 N_STEPS = 19                     # decode steps: two key flushes and more from any prefill below
@@ -169,18 +170,6 @@ def _hand_loop(model, ids, prefill, flush_spans):
     return torch.cat(logits, dim=1)
 
 
-def _kvlab_loop(model, spec, ids, prefill):
-    with quantize(model, spec, protocol="decode") as run:
-        out = model(ids[:, :prefill], use_cache=True)
-        past, logits = out.past_key_values, [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits.append(out.logits)
-        summary = run.summary()
-    return torch.cat(logits, dim=1), summary
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("prefill", [13, 16])
 def test_authors_flush_logits_equal_a_hand_loop(prefill):
@@ -190,10 +179,10 @@ def test_authors_flush_logits_equal_a_hand_loop(prefill):
     ids = _ids(prefill + N_STEPS, seed=1)
     sim = AuthorsBuffers(R)
     want = _hand_loop(m, ids, prefill, lambda t: sim.prefill(prefill) if t is None else sim.step())
-    got, _ = _kvlab_loop(m, AUTHORS, ids, prefill)
+    _, got, _ = decode_with_keep_sets(m, AUTHORS, ids, prefill, keep_sets=False)
     assert torch.equal(got[:, :prefill], want[:, :prefill])         # the prefill reads its own fp K/V
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    sliding, _ = _kvlab_loop(m, SLIDING, ids, prefill)
+    _, sliding, _ = decode_with_keep_sets(m, SLIDING, ids, prefill, keep_sets=False)
     assert not torch.equal(sliding, got)
 
 
@@ -227,7 +216,8 @@ def test_sliding_flush_is_the_earlier_rule(prefill):
     ids = _ids(prefill + N_STEPS, seed=2)
     spans, _ = _sliding_spans(prefill)
     want = _hand_loop(m, ids, prefill, spans)
-    got, summary = _kvlab_loop(m, SLIDING, ids, prefill)
+    run, got, _ = decode_with_keep_sets(m, SLIDING, ids, prefill, keep_sets=False)
+    summary = run.summary()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
     method = parse(SLIDING)
@@ -263,8 +253,8 @@ def test_select_forwards_the_flush_rule():
 
     m = models.tiny("llama").model
     ids = _ids(13 + N_STEPS, seed=3)
-    alone, _ = _kvlab_loop(m, AUTHORS, ids, 13)
-    wrapped, _ = _kvlab_loop(m, select_spec(AUTHORS, "all", "kv"), ids, 13)
+    _, alone, _ = decode_with_keep_sets(m, AUTHORS, ids, 13, keep_sets=False)
+    _, wrapped, _ = decode_with_keep_sets(m, select_spec(AUTHORS, "all", "kv"), ids, 13, keep_sets=False)
     assert torch.equal(alone, wrapped)
 
 

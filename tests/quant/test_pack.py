@@ -116,6 +116,23 @@ def test_unpack_ragged_groups_and_history():
             assert p.layout["window"] == 77 % 32
 
 
+@pytest.mark.parametrize("spec", ["int:bits=4", "kivi:bits=2", "qaq", "quarot:bits=4",
+                                  "kvquant:bits=2,k_scale=online,group=32,nf=true,outliers=0.01"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_beyond_fp16_range_stored_saturated(spec, dtype):
+    """An fp32/bf16 model with values beyond fp16's 65504 (1e5): the fp16 fields are stored as the method
+    rounds them (`primitives._fp16`, saturating at +-65504), so unpack still equals quantize and nothing
+    stored is inf (KVQuant's fp16 outliers used to be stored as inf)."""
+    x = realistic(dtype, shape=(1, 3, 64, 64)).clone()
+    x[0, 0, 5, 3], x[0, 1, 9, 7], x[0, 2, 11, 40] = 1e5, -1e5, 7e4
+    m = parse(spec)
+    for kind in "kv":
+        p, q = _check_exact(m, x, ctx(kind, shape=x.shape))
+        assert torch.isfinite(q.x).all()
+        for name, t in {**p.data, **p.tables}.items():
+            assert not (t.is_floating_point() and bool(t.isinf().any())), f"{spec} {kind}: {name} holds inf"
+
+
 def test_kvquant_calibrated_on_tiny_model(tmp_path, monkeypatch):
     import kvlab
     from kvlab.hooks import capture

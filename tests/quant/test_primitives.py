@@ -164,6 +164,34 @@ def test_uniform_codebook_matches_asymmetric_int():
     assert P.codebook_bits(P.uniform_codebook(3)).item() == 8 * 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,dim,group,symmetric", [(2, -1, None, False), (3, -1, 32, False), (4, -2, 16, False),
+                                                      (1, -2, 5, False), (4, -1, 32, True), (3, -2, None, True)])
+def test_uniform_encode_is_quantize_uniforms_codes(dtype, bits, dim, group, symmetric):
+    """`uniform_encode` (what kvlab.pack stores) holds quantize_uniform's codes: decoding them gives its tensor
+    bit for bit (ragged groups, a one-token group, values beyond fp16's range included), codes in range,
+    fp16 metadata finite."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 21, 40, generator=g) * 4
+    x[0, 1, 0, :] = 3.0                              # constant rows / channels: a zero range
+    if dtype != torch.float16:
+        x[1, 2, 4, 7], x[0, 0, 9, 1] = 1e5, -2e5     # beyond fp16: saturating fp16 metadata (`_fp16`)
+    x = x.to(dtype)
+    want, _ = P.quantize_uniform(x, bits, dim=dim, group=group, symmetric=symmetric)
+    e = P.uniform_encode(x, bits, dim=dim, group=group, symmetric=symmetric)
+    assert e["codes"].dtype == torch.int32 and e["codes"].shape == x.shape
+    assert int(e["codes"].min()) >= 0 and int(e["codes"].max()) <= 2 ** bits - 1
+    assert ("zero" in e) != symmetric
+    assert all(t.dtype == torch.float16 and bool(t.isfinite().all()) for k, t in e.items() if k != "codes")
+    got = P.uniform_decode(e["codes"], e["scale"], e.get("zero"), bits, dim=dim, group=group, dtype=dtype)
+    assert torch.equal(got, want)
+
+
+def test_uniform_encode_symmetric_needs_two_bits():
+    with pytest.raises(KVLabError, match="bits >= 2"):
+        P.uniform_encode(torch.randn(1, 1, 4, 8), 1, symmetric=True)
+
+
 # ------------------------------------------------------------------------------------ outliers
 def test_split_outliers_magnitude_exact_count_and_range_shrinks():
     torch.manual_seed(0)
