@@ -282,9 +282,11 @@ class Session:
         out = None
         if record_attn or (self.policy is not None and self.policy.wants_statistics(self.phase)):
             scaling = kwargs.get("scaling") or module.scaling
-            if self.phase == "stats" and _plain_attention(module, kwargs):
-                # the fake protocol's statistics pass (its logits are discarded): one fp32 softmax gives
-                # the statistics and the output, instead of a second one beside the model's kernel
+            if _plain_attention(module, kwargs):
+                # one fp32 softmax gives the statistics and the output, instead of a second softmax beside
+                # the model's kernel (the fake statistics pass, and every call of a statistics-reading
+                # method in prefill-decode / decode): equal to the kernel's output to fp32 rounding, so
+                # logits are bit-identical to the bare model only when no statistics are asked for
                 output, st = attention_with_stats(query, key, value, attention_mask, scaling, self.arch.n_groups,
                                                   self.n_recent, softcap=kwargs.get("softcap"))
                 out = (output, None)             # (attn_output, attn_weights), as transformers' kernels return
