@@ -5,10 +5,11 @@ library (not kvlab's primitives), and checks the method's fit or quantization ag
 SQM = quant/kvquant/simquant_module_quantizer.py, LS = quant/llama_simquant.py, RF = gradients/run-fisher.py.
 
 What is deliberately not compared (kvlab choices, documented in kvlab.quant.methods.kvquant):
-* the k-means engine: upstream runs sklearn KMeans (k-means++, random_state 0, max_iter 50, SQM:511-528) on
-  all points; kvlab runs its own deterministic weighted Lloyd (`kmeans_1d`) on at most 2^20 points. The
-  tests compare the points and weights handed to k-means, and, end to end, kvlab's engine on the points
-  the authors' rules select;
+* the k-means engine of the default `kmeans_impl="lloyd"`: upstream runs sklearn KMeans (k-means++,
+  random_state 0, max_iter 50, SQM:511-528) on all points; kvlab runs its own deterministic weighted Lloyd
+  (`kmeans_1d`) on at most 2^20 points. The tests compare the points and weights handed to k-means, and,
+  end to end, kvlab's engine on the points the authors' rules select. `kmeans_impl="sklearn"` makes the
+  authors' KMeans call, checked against a direct sklearn call below (still on kvlab's <= 2^20 points);
 * fp16: kvlab normalises calibration *values* with the fp16 per-token offset / scale its inference uses
   (upstream's calibration: exact numbers), so their z are compared to ~1e-3; keys are fitted with the
   exact percentiles, as upstream, and stored as fp16, as upstream's inference rounds them (SQM:612-613);
@@ -435,3 +436,70 @@ def test_calibration_text_is_the_methods_and_the_evaluator_uses_it(tmp_path, mon
         with pytest.raises(Stop):
             calibrate_for(lm, method, spec)
         assert seen.pop() == shape, method
+
+
+# ============================================================================ the authors' KMeans call (SQM:511-528)
+def _authors_kmeans(x, w, bits):
+    """SQM:511-528 verbatim: sklearn KMeans on the points as a column, Fisher weights as sample_weight; then
+    sorted and fp16-rounded as kvlab stores a codebook."""
+    from sklearn.cluster import KMeans
+    km = KMeans(n_clusters=2 ** bits, random_state=0, n_init="auto", max_iter=50).fit(
+        np.asarray(x, dtype=np.float32).reshape(-1, 1), sample_weight=w)
+    return np.sort(_f16(km.cluster_centers_.reshape(-1)))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_sklearn_codebook_is_the_authors_kmeans_call(bits, weighted):
+    pytest.importorskip("sklearn")
+    g = np.random.default_rng(bits)
+    x = np.concatenate([g.normal(0, 0.3, 1500), g.uniform(-1, 1, 500)]).astype(np.float32)
+    w = (g.normal(size=x.size) ** 2).astype(np.float32) if weighted else None
+    got = kvq.sklearn_codebook(torch.from_numpy(x), bits, None if w is None else torch.from_numpy(w))
+    assert got.dtype == torch.float32 and got.shape == (2 ** bits,)
+    assert np.array_equal(got.numpy(), _authors_kmeans(x, w, bits))
+
+
+def test_kmeans_impl_sklearn_fit_calls_the_authors_kmeans_on_the_authors_points(monkeypatch):
+    """End to end: with kmeans_impl=sklearn every stored codebook is the authors' KMeans call on exactly the
+    (z, (dL/dA)^2) pairs the authors' rules select (and no call goes to kvlab's Lloyd)."""
+    pytest.importorskip("sklearn")
+    calls = []
+    real = kvq.sklearn_codebook
+
+    def rec(values, bits, weights=None):
+        calls.append((values.clone(), None if weights is None else weights.clone()))
+        return real(values, bits, weights)
+    monkeypatch.setattr(kvq, "sklearn_codebook", rec)
+    lloyd = _record(monkeypatch)
+    k, v, gk, gv = _data()
+    st = parse("kvquant:bits=2,kmeans_impl=sklearn").fit_tensors(k, v, gk, gv)
+    assert not lloyd and len(calls) == 4
+    for layer in range(2):
+        want = authors_points(k[layer], v[layer], gk[layer], gv[layer])
+        for j, kind in enumerate("kv"):
+            z, w = calls[2 * layer + j]
+            _same_points((z, w), want[j])
+            assert np.array_equal(st[f"{kind}_cb"][layer].numpy(), _authors_kmeans(z.numpy(), w.numpy(), 2))
+
+
+def test_kmeans_impl_spec_and_calibration_key():
+    """"lloyd" stays the default (spec strings and calibration keys of existing results unchanged); "sklearn"
+    is its own spec and its own calibration cache entry; anything else is refused."""
+    for preset_name in ("kvquant-nuq2-1%", "kvquant-nuq3-1%"):
+        m = parse(preset_name)
+        assert m.kmeans_impl == "lloyd" and "kmeans_impl" not in m.spec
+        assert "kmeans_impl" not in m.calibration_key()
+        s = parse(m.spec + ",kmeans_impl=sklearn")
+        assert s.spec == m.spec + ",kmeans_impl=sklearn" and s.spec != m.spec
+        assert s.calibration_key() == {**m.calibration_key(), "kmeans_impl": "sklearn"}
+        assert parse(m.spec + ",kmeans_impl=lloyd") == m
+    with pytest.raises(KVLabError, match="kmeans_impl"):
+        parse("kvquant:bits=2,kmeans_impl=kmeans++")
+
+
+def test_kmeans_impl_sklearn_missing_names_the_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)      # `from sklearn.cluster import ...` fails
+    with pytest.raises(KVLabError, match="pip install scikit-learn"):
+        kvq.sklearn_codebook(torch.linspace(-1, 1, 64), 2)

@@ -21,7 +21,14 @@ the upstream rules and their file:line are in `kvlab.quant.kvquant_rules`). By s
   "activation" = (dL/dA)^2, the authors' (default); "normalised" = (dL/dA * scale)^2, kvlab's former
   default; "none" = plain k-means. `nf=True`: the fixed NormalFloat levels of the authors' `--nf`
   instead (`kvquant_rules.nf_signposts`, no k-means, no stored codebook). `nuq=False`: 2^b evenly
-  spaced levels in [-1, 1] (= asymmetric min-max int-b).
+  spaced levels in [-1, 1] (= asymmetric min-max int-b). The k-means engine, `kmeans_impl`: "lloyd"
+  (the default for now) = kvlab's weighted 1-D Lloyd, 50 iterations from a deterministic weighted-quantile
+  init, batched on the model's device (`kvlab.quant.primitives.kmeans_codebook`); "sklearn" = the authors'
+  call (`sklearn_codebook`): scikit-learn `KMeans(n_clusters=2^b, random_state=0, n_init="auto",
+  max_iter=50).fit(z, sample_weight=fisher)` on CPU float32, SqueezeAILab/KVQuant@57a2383
+  benchmarking/kvquant/simquant_module_quantizer.py:511-528 (deployment/kvquant/ has the same lines),
+  i.e. k-means++ seeded with 0 (one init under n_init="auto") and sklearn's tol=1e-4 stop. Both see the
+  same points (kvlab's <= 2^20 subsample, where upstream takes all) and differ in init and stopping rule.
 * Sec. 3.5 per-vector dense-and-sparse: keys whose value falls outside their channel's calibrated
   [lo, hi] (rho of the calibration values per channel), and per value vector the ceil(rho/2 * D)
   smallest and largest entries, D = kv_heads * head_dim (online, the rho/2 and 1 - rho/2
@@ -69,11 +76,39 @@ from ..primitives import (SCALE_BITS, ZERO_BITS, _fp16, group_minmax, kmeans_cod
 from ..registry import preset, register
 
 K_SCALES = ("calib", "online")
+KMEANS_IMPLS = ("lloyd", "sklearn")
 CALIB_VERSION = 2             # 2: sink tokens out of the fit, fisher rules by name, nf, cap_outliers
 MAX_KMEANS_POINTS = 1 << 20   # k-means on a fixed random subsample of at most this many values per layer
 
 
 _NF_LEVELS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def sklearn_codebook(values: torch.Tensor, bits: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KVQuant's NUQ codebook fitted as the authors do: scikit-learn `KMeans(n_clusters=2^b, random_state=0,
+    n_init="auto", max_iter=50).fit(values, sample_weight=weights)` on CPU float32 (SqueezeAILab/KVQuant@57a2383
+    benchmarking/kvquant/simquant_module_quantizer.py:511-528; without weights their call :521-528 passes
+    none, the same as sample_weight=None). The centroids are then sorted and fp16-rounded as
+    `kvlab.quant.primitives.kmeans_codebook`'s. `values` [n] (1-D), `weights` [n] or None; returns [2^b]
+    float32 on values' device. scikit-learn's OpenMP threads are limited to torch's thread count. k-means++
+    uses `sample_weight` in its seeding from scikit-learn 1.3 on (earlier versions seeded unweighted), so the
+    authors' own centroids also depend on their scikit-learn version (not pinned upstream)."""
+    try:
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise KVLabError("kvquant: kmeans_impl=sklearn needs scikit-learn: pip install scikit-learn "
+                         "(or use kmeans_impl=lloyd, kvlab's own k-means)") from None
+    k = 2 ** int(bits)
+    x = values.detach().reshape(-1, 1).float().cpu().numpy()
+    if x.shape[0] < k:
+        raise KVLabError(f"kvquant: kmeans_impl=sklearn needs at least {k} calibration values per layer, got "
+                         f"{x.shape[0]}")
+    sw = None if weights is None else weights.detach().reshape(-1).float().cpu().numpy()
+    with threadpool_limits(limits=max(1, torch.get_num_threads())):
+        km = KMeans(n_clusters=k, random_state=0, n_init="auto", max_iter=50).fit(x, sample_weight=sw)
+    c = torch.from_numpy(km.cluster_centers_.reshape(-1).astype("float32"))
+    return _fp16(c).sort().values.to(values.device)
 
 
 def _nf_levels(bits: int, device) -> torch.Tensor:
@@ -109,6 +144,7 @@ class KVQuant(Method):
     nf: bool = False
     cap_outliers: bool = False
     sink_in_fit: bool = False
+    kmeans_impl: str = "lloyd"        # "sklearn": the authors' scikit-learn KMeans call (see `sklearn_codebook`)
     calib_rows: int | None = AUTHORS_CALIB_ROWS
     calib_len: int | None = AUTHORS_CALIB_LEN
 
@@ -130,6 +166,7 @@ class KVQuant(Method):
         check_choice(self.name, "fisher", self.fisher, FISHER)
         check_range(self.name, "outliers", self.outliers, 0.0, 1.0, hi_open=True)
         check_choice(self.name, "k_scale", self.k_scale, K_SCALES)
+        check_choice(self.name, "kmeans_impl", self.kmeans_impl, KMEANS_IMPLS)
         for f in ("calib_rows", "calib_len"):
             if getattr(self, f) is not None:
                 check_range(self.name, f, getattr(self, f), 1 if f == "calib_rows" else 2, 1 << 20, integer=True)
@@ -218,7 +255,10 @@ class KVQuant(Method):
         """The fields that change calibration results (the calibration text is keyed by its token ids)."""
         fields = ("bits", "nuq", "fisher", "outliers", "qnorm", "sink", "k_scale", "group", "nf", "cap_outliers",
                   "sink_in_fit")
-        return {"method": self.name, "version": CALIB_VERSION, **{f: getattr(self, f) for f in fields}}
+        key = {"method": self.name, "version": CALIB_VERSION, **{f: getattr(self, f) for f in fields}}
+        if self.kmeans_impl != "lloyd":     # only when not kvlab's engine, so fits cached before the field stay valid
+            key["kmeans_impl"] = self.kmeans_impl
+        return key
 
     def fit(self, captured: Captured) -> dict[str, torch.Tensor]:
         """Calibration tensors from a capture (see `fit_tensors`)."""
@@ -280,7 +320,10 @@ class KVQuant(Method):
         if self.kmeans:
             if ws is not None and not bool((ws > 0).any()):
                 ws = None     # no gradient signal (e.g. a layer the loss does not reach): plain k-means
-            cb = kmeans_codebook(zs, self.bits, ws)
+            if self.kmeans_impl == "sklearn":
+                cb = sklearn_codebook(zs, self.bits, ws)
+            else:
+                cb = kmeans_codebook(zs, self.bits, ws)
         qn = None
         if self.qnorm:
             # Q-Norm: reconstruct with a * c_i + b so the layer's dequantized normalised values have
