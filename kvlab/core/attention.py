@@ -84,6 +84,16 @@ def _attend(query, key, value, attention_mask, scaling, n_groups, n_recent, soft
     b, h, q_len, d = query.shape
     kv_len, kvh, g = key.shape[-2], key.shape[1], n_groups
     kt = key.float().transpose(-1, -2)           # [b, kvh, d, T]: a group's query heads share it (no repeat)
+    if q_len == 1 and attention_mask is None:    # a decode step: one query sees every key, nothing to mask
+        logits = torch.matmul((query.float() * scaling).view(b, kvh, g, d), kt)   # [b, kvh, g, T]
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        probs = torch.softmax(logits, dim=-1)
+        recent = probs.amax(2, keepdim=True)                                        # [b, kvh, 1, T]
+        stats = AttentionStats(received_sum=probs.sum(2), received_max=recent[:, :, 0], n_recent=n_recent,
+                               query_norm=query.float().norm(dim=-1).view(b, kvh, g).amax(2), recent=recent)
+        out = torch.matmul(probs, value.float()).view(b, h, 1, -1) if value is not None else None
+        return stats, out
     total = torch.zeros(b, kvh, kv_len, device=query.device)
     first_recent = max(0, q_len - n_recent)
     recent = torch.zeros(b, kvh, q_len - first_recent, kv_len, device=query.device)
@@ -174,12 +184,18 @@ def accumulate_stats(old: AttentionStats | None, new: AttentionStats, appended: 
     The call appended `appended` keys; the old statistics are zero-padded for them and, where the
     call's keys start later than the old ones did (a sliding-window layer dropped its oldest tokens),
     cropped at the front. So entry j of the result always belongs to key j of the latest call.
+    `new` may be updated in place and returned (a decode step); do not keep using it separately.
     `received_sum` adds up over every query so far; `received_max` is the max over the last `n_recent`
     queries of the sequence, across calls (the per-query rows `recent` slide: QAQ's attention window,
     Sec. 4.2: in decode, one query per call, the window spans the last n_recent calls)."""
     if old is None:
         return new
     n = new.received_sum.shape[-1]
+    if old.received_sum.shape[-1] + appended == n and new.recent is not None and new.n_recent == 1:
+        # the common decode step (no sliding window, one query row kept): add in place, no padding copies
+        new.received_sum[..., :n - appended] += old.received_sum
+        new.query_norm = torch.maximum(old.query_norm, new.query_norm)
+        return new
 
     def aligned(t: torch.Tensor) -> torch.Tensor:
         t = _pad_stat(t, t.shape[-1] + appended)

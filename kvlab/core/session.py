@@ -293,9 +293,9 @@ class Session:
             else:
                 st = attention_received(query, key, attention_mask, scaling, self.arch.n_groups, self.n_recent,
                                         softcap=kwargs.get("softcap"))
+            if record_attn:                      # this call's own statistics (accumulating may add in place)
+                self.recorder.record("attn", idx, st.received_sum.clone())
             self.stats[idx] = accumulate_stats(self.stats[idx], st, query.shape[-2])
-            if record_attn:
-                self.recorder.record("attn", idx, st.received_sum)
         if self.recorder.wants("q") and self.phase == "run":
             self.recorder.record("q", idx, query)
         if out is None:

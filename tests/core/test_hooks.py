@@ -340,14 +340,15 @@ def test_attention_received_matches_brute_force_for_continuations(mask_kind):
         assert torch.allclose(st.received_max, want_max, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("first_call", [1, 2, 7])
-def test_received_max_slides_over_the_last_n_recent_queries_across_calls(first_call):
+def test_received_max_slides_over_the_last_n_recent_queries_across_calls(first_call, n):
     """QAQ's attention window in decode: after each call, a_max of key j is the max of its attention
     over the last n_recent queries of the sequence, whichever calls they came in (a prefill of
     `first_call` queries, then one per call), brute-forced here from the whole probability matrix."""
     from kvlab.core.attention import accumulate_stats, attention_received
     g = torch.Generator().manual_seed(1)
-    b, h, kvh, T, d, n = 1, 4, 2, 12, 8, 3
+    b, h, kvh, T, d = 1, 4, 2, 12, 8
     q, k = torch.randn(b, h, T, d, generator=g), torch.randn(b, kvh, T, d, generator=g)
     causal = torch.arange(T)[None] <= torch.arange(T)[:, None]
     p = ((q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3).masked_fill(~causal, float("-inf")).softmax(-1)
