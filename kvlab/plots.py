@@ -750,11 +750,16 @@ def pareto_plot(df, x: str = "avg_bits", y: str = "ppl", label: str = "label", g
     if title:
         ax.set_title(title)
     names = _method_names(d[label])
-    if len(d) > max_labels:
+    keyed = len(d) > max_labels
+    if keyed:
         names = [str(i + 1) for i in range(len(d))]
         key = "\n".join(f"{i + 1}: {n}" for i, n in enumerate(_method_names(d[label])))
         ax.text(1.02, 0.0, key, transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left")
-    if legend == "outside":
+    if legend == "outside" and keyed:            # the key holds the right side: the legend goes below the axes
+        n_entries = len(ax.get_legend_handles_labels()[1])
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(4, max(n_entries, 1)),
+                  frameon=False)
+    elif legend == "outside":
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     elif legend:
         ax.legend(fontsize=7, loc="upper right")
