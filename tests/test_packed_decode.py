@@ -174,3 +174,20 @@ def test_calibrated_kvquant_packed_is_bit_identical_and_books_its_tables_once():
     # aux: the shared cos/sin table and the pending pre-RoPE keys only
     cos = layers[0].rope[0]
     assert all(l.rope[0] is cos for l in layers)
+
+
+@torch.no_grad()
+def test_hf_cache_resident_bytes_are_its_measured_state(tiny):
+    """An HF QuantizedCache packs itself: its resident bytes are the backend's quantized storage plus the
+    fp residual, the same bytes its accounting measures (`accounted_layers`' measured_bytes)."""
+    pytest.importorskip("optimum.quanto")
+    m = tiny.model
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with quantize(m, "hf:nbits=2,residual=4", protocol="decode") as run:
+        past = m(ids[:, :24], use_cache=True).past_key_values
+        for t in range(24, 38):                  # 14 steps: the residual holds tokens at the end
+            past = m(ids[:, t:t + 1], past_key_values=past, use_cache=True).past_key_values
+        r = run.external.resident_bytes()
+        measured = sum(row["measured_bytes"] for row in run.method.accounted_layers(run.cache))
+    assert r["packed"] > 0 and r["fp"] > 0 and r["aux"] == 0
+    assert r["total"] == r["packed"] + r["fp"] == measured

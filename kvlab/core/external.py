@@ -65,28 +65,13 @@ class ExternalCache:
             self.step_in_sequence += 1
 
     def resident_bytes(self, cache=None) -> dict[str, int]:
-        """Bytes the cache (default: the live sequence's) holds now, from its state, in the parts of
-        `kvlab.core.cache.cache_resident_bytes`: "packed" (the backend's quantized tensors: codes, scales,
-        zero points, each inner tensor of quanto's / HQQ's containers), "fp" (the residual keys / values in
-        the model's dtype), "aux" 0, "total"."""
-        import torch
-
-        from ..quant.methods.hf_cache import _storage_bytes
-
-        out = {"packed": 0, "fp": 0, "aux": 0}
+        """Bytes the cache (default: the live sequence's) holds now, in the parts of
+        `kvlab.core.cache.cache_resident_bytes`, as the method measures its own state
+        (`HFQuantizedCache.resident_parts`: "packed", the backend's codes, scales and zero points; "fp", the
+        residual keys / values); "aux" 0."""
         cache = cache if cache is not None else self.cache
-        for layer in getattr(cache, "layers", []) if cache is not None else []:
-            for name in ("_quantized_keys", "_quantized_values"):
-                q = getattr(layer, name, None)
-                for t in (q if isinstance(q, (tuple, list)) else (q,)):
-                    if isinstance(t, dict):          # HQQ's meta: its scale and zero tensors
-                        out["packed"] += sum(_storage_bytes(v) for v in t.values() if torch.is_tensor(v))
-                    elif t is not None and torch.is_tensor(t):
-                        out["packed"] += _storage_bytes(t)
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if torch.is_tensor(t) and t.dim() == 4:
-                    out["fp"] += t.numel() * t.element_size()
+        parts = self.method.resident_parts(cache) if cache is not None else {"packed": 0, "fp": 0}
+        out = {"packed": parts["packed"], "fp": parts["fp"], "aux": 0}
         out["total"] = sum(out.values())
         return out
 

@@ -157,6 +157,18 @@ class HFQuantizedCache(Method):
             rows.append(row)
         return rows
 
+    def resident_parts(self, cache) -> dict[str, int]:
+        """Bytes the cache holds now: "packed" (the backend's quantized storage, as `_quantized_part` measures
+        it) and "fp" (the residual keys / values in the model's dtype)."""
+        out = {"packed": 0, "fp": 0}
+        for layer in cache.layers:
+            for q, fp in ((getattr(layer, "_quantized_keys", None), getattr(layer, "keys", None)),
+                          (getattr(layer, "_quantized_values", None), getattr(layer, "values", None))):
+                out["packed"] += self._quantized_part(q)[2]
+                if fp is not None and torch.is_tensor(fp) and fp.dim() == 4:
+                    out["fp"] += fp.numel() * fp.element_size()
+        return out
+
     def _quantized_part(self, q) -> tuple[float, int, int]:
         """(accounted bits, elements, measured bytes) of one backend's quantized storage."""
         if q is None:
