@@ -5,11 +5,12 @@ library (not kvlab's primitives), and checks the method's fit or quantization ag
 SQM = quant/kvquant/simquant_module_quantizer.py, LS = quant/llama_simquant.py, RF = gradients/run-fisher.py.
 
 What is deliberately not compared (kvlab choices, documented in kvlab.quant.methods.kvquant):
-* the k-means engine of the default `kmeans_impl="lloyd"`: upstream runs sklearn KMeans (k-means++,
-  random_state 0, max_iter 50, SQM:511-528) on all points; kvlab runs its own deterministic weighted Lloyd
-  (`kmeans_1d`) on at most 2^20 points. The tests compare the points and weights handed to k-means, and,
-  end to end, kvlab's engine on the points the authors' rules select. `kmeans_impl="sklearn"` makes the
-  authors' KMeans call, checked against a direct sklearn call below (still on kvlab's <= 2^20 points);
+* the points k-means sees on real models: upstream runs sklearn KMeans (k-means++, random_state 0,
+  max_iter 50, SQM:511-528) on all points; kvlab makes the same call (the default `kmeans_impl="sklearn"`,
+  checked against a direct sklearn call below) on at most 2^20 random points per layer. The tests compare
+  the points and weights handed to k-means and, end to end, the codebooks the authors' KMeans call finds on
+  the points the authors' rules select. `kmeans_impl="lloyd"` (kvlab's own deterministic weighted Lloyd) is
+  a named variant;
 * fp16: kvlab normalises calibration *values* with the fp16 per-token offset / scale its inference uses
   (upstream's calibration: exact numbers), so their z are compared to ~1e-3; keys are fitted with the
   exact percentiles, as upstream, and stored as fp16, as upstream's inference rounds them (SQM:612-613);
@@ -50,15 +51,18 @@ def _data(seed=0, layers=2):
     return ks, vs, gks, gvs
 
 
-def _record(monkeypatch):
-    """Record every (values, weights) kvlab hands to k-means, in call order (per layer: keys, then values)."""
+def _record(monkeypatch, engines=("kmeans_codebook", "sklearn_codebook")):
+    """Record every (values, weights) kvlab hands to a k-means engine (by default either: the authors'
+    sklearn call and kvlab's Lloyd), in call order (per layer: keys, then values)."""
     calls = []
-    real = kvq.kmeans_codebook
 
-    def rec(values, bits, weights=None, iters=50):
-        calls.append((values.clone(), None if weights is None else weights.clone()))
-        return real(values, bits, weights, iters)
-    monkeypatch.setattr(kvq, "kmeans_codebook", rec)
+    def recorder(real):
+        def rec(values, bits, weights=None, *args, **kwargs):
+            calls.append((values.clone(), None if weights is None else weights.clone()))
+            return real(values, bits, weights, *args, **kwargs)
+        return rec
+    for name in engines:
+        monkeypatch.setattr(kvq, name, recorder(getattr(kvq, name)))
     return calls
 
 
@@ -135,7 +139,8 @@ def test_fisher_weights_are_squared_activation_gradients(monkeypatch):
     hi = ks[0].amax(dim=(0, 2))
     scale = ((hi - lo) / 2)[None, :, None, :].expand(N, H, T, D)
     keep = torch.arange(T).view(1, 1, T, 1).expand(N, H, T, D) >= 1
-    assert torch.equal(calls[0][1], ((gks[0] * scale) ** 2)[keep])
+    token_major = lambda t: t.transpose(1, 2)       # noqa: E731  the authors' [rows * T, hidden] order
+    assert torch.equal(calls[0][1], token_major((gks[0] * scale) ** 2)[token_major(keep)])
     calls.clear()
     parse("kvquant:bits=2,fisher=none").fit_tensors(ks[:1], vs[:1])
     assert calls[0][1] is None and calls[1][1] is None
@@ -226,8 +231,8 @@ def _authors_capture(model, ids, head_dim):
 
 
 def test_tiny_model_codebooks_follow_the_authors_rules(tmp_path, monkeypatch):
-    """`kvlab.calibrate` on a tiny LLaMA gives the codebooks that kvlab's k-means engine finds on the points
-    and weights the authors' pipeline selects: their own Fisher pass (mean loss, parameter leaves, k_proj
+    """`kvlab.calibrate` on a tiny LLaMA gives the codebooks that the authors' KMeans call (SQM:511-528) finds
+    on the points and weights the authors' pipeline selects: their own Fisher pass (mean loss, parameter leaves, k_proj
     output hooks), thresholds, sink exclusion (first_few_fp16=1) and (dL/dA)^2 weights. The mean-vs-sum
     loss scales every weight by one constant (1/(T-1)^2), which k-means ignores up to rounding."""
     monkeypatch.setenv("KVLAB_CACHE", str(tmp_path))
@@ -238,8 +243,14 @@ def test_tiny_model_codebooks_follow_the_authors_rules(tmp_path, monkeypatch):
     for layer in range(lm.config.num_hidden_layers):
         for j, kind in enumerate("kv"):
             z, w = authors_points(k[layer], v[layer], gk[layer], gv[layer])[j]
-            want = kmeans_codebook(torch.from_numpy(z), 2, torch.from_numpy(w))
+            want = torch.from_numpy(_authors_kmeans(z, w, 2))
             assert torch.allclose(m.state[f"{kind}_cb"][layer], want, atol=2e-3), (layer, kind)
+    lloyd = kvlab.calibrate(lm, "kvquant:bits=2,kmeans_impl=lloyd", ids=ids)     # kvlab's engine, same points
+    for layer in range(lm.config.num_hidden_layers):
+        for j, kind in enumerate("kv"):
+            z, w = authors_points(k[layer], v[layer], gk[layer], gv[layer])[j]
+            want = kmeans_codebook(torch.from_numpy(z), 2, torch.from_numpy(w))
+            assert torch.allclose(lloyd.state[f"{kind}_cb"][layer], want, atol=2e-3), (layer, kind)
 
 
 # ============================================================================ NormalFloat (--nf)
@@ -461,7 +472,7 @@ def test_sklearn_codebook_is_the_authors_kmeans_call(bits, weighted):
 
 
 def test_kmeans_impl_sklearn_fit_calls_the_authors_kmeans_on_the_authors_points(monkeypatch):
-    """End to end: with kmeans_impl=sklearn every stored codebook is the authors' KMeans call on exactly the
+    """End to end: with the default kmeans_impl=sklearn every stored codebook is the authors' KMeans call on exactly the
     (z, (dL/dA)^2) pairs the authors' rules select (and no call goes to kvlab's Lloyd)."""
     pytest.importorskip("sklearn")
     calls = []
@@ -471,9 +482,9 @@ def test_kmeans_impl_sklearn_fit_calls_the_authors_kmeans_on_the_authors_points(
         calls.append((values.clone(), None if weights is None else weights.clone()))
         return real(values, bits, weights)
     monkeypatch.setattr(kvq, "sklearn_codebook", rec)
-    lloyd = _record(monkeypatch)
+    lloyd = _record(monkeypatch, engines=("kmeans_codebook",))
     k, v, gk, gv = _data()
-    st = parse("kvquant:bits=2,kmeans_impl=sklearn").fit_tensors(k, v, gk, gv)
+    st = parse("kvquant:bits=2").fit_tensors(k, v, gk, gv)      # the default engine
     assert not lloyd and len(calls) == 4
     for layer in range(2):
         want = authors_points(k[layer], v[layer], gk[layer], gv[layer])
@@ -484,16 +495,22 @@ def test_kmeans_impl_sklearn_fit_calls_the_authors_kmeans_on_the_authors_points(
 
 
 def test_kmeans_impl_spec_and_calibration_key():
-    """"lloyd" stays the default (spec strings and calibration keys of existing results unchanged); "sklearn"
-    is its own spec and its own calibration cache entry; anything else is refused."""
-    for preset_name in ("kvquant-nuq2-1%", "kvquant-nuq3-1%"):
+    """"sklearn" (the authors' call) is the default and spelled out in every k-means spec, so results stored
+    under the older strings (which meant kvlab's Lloyd) never answer for it; "lloyd" keeps the calibration
+    key its fits were cached under; datatypes without k-means (int, NormalFloat) keep their specs; anything
+    else is refused."""
+    for preset_name, old in (("kvquant-nuq2-1%", "kvquant:bits=2,fisher=activation,outliers=0.01"),
+                             ("kvquant-nuq3", "kvquant:bits=3,fisher=activation")):
         m = parse(preset_name)
-        assert m.kmeans_impl == "lloyd" and "kmeans_impl" not in m.spec
-        assert "kmeans_impl" not in m.calibration_key()
-        s = parse(m.spec + ",kmeans_impl=sklearn")
-        assert s.spec == m.spec + ",kmeans_impl=sklearn" and s.spec != m.spec
-        assert s.calibration_key() == {**m.calibration_key(), "kmeans_impl": "sklearn"}
-        assert parse(m.spec + ",kmeans_impl=lloyd") == m
+        assert m.kmeans_impl == "sklearn" and m.spec == old + ",kmeans_impl=sklearn"
+        assert parse(old) == m                  # an old string now parses to the default ...
+        lloyd = parse(old + ",kmeans_impl=lloyd")
+        assert lloyd.spec == old + ",kmeans_impl=lloyd" and parse(lloyd.spec) == lloyd != m
+        assert "kmeans_impl" not in lloyd.calibration_key()       # ... and Lloyd fits cached before stay valid
+        assert m.calibration_key() == {**lloyd.calibration_key(), "kmeans_impl": "sklearn"}
+    for preset_name, spec in (("kvquant-int2", "kvquant:bits=2,nuq=false,fisher=activation"),
+                              ("kvquant-nf3", "kvquant:bits=3,fisher=activation,nf=true")):
+        assert parse(preset_name).spec == spec
     with pytest.raises(KVLabError, match="kmeans_impl"):
         parse("kvquant:bits=2,kmeans_impl=kmeans++")
 

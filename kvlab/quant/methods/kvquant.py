@@ -21,14 +21,15 @@ the upstream rules and their file:line are in `kvlab.quant.kvquant_rules`). By s
   "activation" = (dL/dA)^2, the authors' (default); "normalised" = (dL/dA * scale)^2, kvlab's former
   default; "none" = plain k-means. `nf=True`: the fixed NormalFloat levels of the authors' `--nf`
   instead (`kvquant_rules.nf_signposts`, no k-means, no stored codebook). `nuq=False`: 2^b evenly
-  spaced levels in [-1, 1] (= asymmetric min-max int-b). The k-means engine, `kmeans_impl`: "lloyd"
-  (the default for now) = kvlab's weighted 1-D Lloyd, 50 iterations from a deterministic weighted-quantile
-  init, batched on the model's device (`kvlab.quant.primitives.kmeans_codebook`); "sklearn" = the authors'
-  call (`sklearn_codebook`): scikit-learn `KMeans(n_clusters=2^b, random_state=0, n_init="auto",
-  max_iter=50).fit(z, sample_weight=fisher)` on CPU float32, SqueezeAILab/KVQuant@57a2383
-  benchmarking/kvquant/simquant_module_quantizer.py:511-528 (deployment/kvquant/ has the same lines),
-  i.e. k-means++ seeded with 0 (one init under n_init="auto") and sklearn's tol=1e-4 stop. Both see the
-  same points (kvlab's <= 2^20 subsample, where upstream takes all) and differ in init and stopping rule.
+  spaced levels in [-1, 1] (= asymmetric min-max int-b). The k-means engine, `kmeans_impl`: "sklearn"
+  (the default) = the authors' call (`sklearn_codebook`): scikit-learn `KMeans(n_clusters=2^b,
+  random_state=0, n_init="auto", max_iter=50).fit(z, sample_weight=fisher)` on CPU float32,
+  SqueezeAILab/KVQuant@57a2383 benchmarking/kvquant/simquant_module_quantizer.py:511-528 (deployment/kvquant/
+  has the same lines), i.e. k-means++ seeded with 0 (one init under n_init="auto") and sklearn's tol=1e-4
+  stop; "lloyd" = kvlab's weighted 1-D Lloyd, 50 iterations from a deterministic weighted-quantile init,
+  batched on the model's device (`kvlab.quant.primitives.kmeans_codebook`; kvlab's default before
+  the switch, so k-means spec strings stored without `kmeans_impl` meant "lloyd"). Both see the same
+  points: kvlab's <= 2^20 random subsample per layer (`MAX_KMEANS_POINTS`), where upstream takes all.
 * Sec. 3.5 per-vector dense-and-sparse: keys whose value falls outside their channel's calibrated
   [lo, hi] (rho of the calibration values per channel), and per value vector the ceil(rho/2 * D)
   smallest and largest entries, D = kv_heads * head_dim (online, the rho/2 and 1 - rho/2
@@ -131,8 +132,13 @@ class KVQuant(Method):
     key_site = "pre_rope"
     # `fisher` is always in the spec: its default changed (kvlab <= 0.x weighted k-means by
     # (dL/dA * scale)^2 and kept the sink in the fit), so results stored under the old spec strings
-    # ("kvquant:bits=2,outliers=0.01") are never read as the authors' rule's
-    spec_always = ("bits", "fisher")
+    # ("kvquant:bits=2,outliers=0.01") are never read as the authors' rule's. So is `kmeans_impl` for a
+    # fitted codebook: its default became the authors' scikit-learn call, and k-means specs stored before
+    # ("kvquant:bits=2,fisher=activation,outliers=0.01") meant kvlab's Lloyd
+    @property
+    def spec_always(self) -> tuple[str, ...]:
+        return ("bits", "fisher", "kmeans_impl") if self.kmeans else ("bits", "fisher")
+
     bits: int = 4
     nuq: bool = True
     fisher: str = "activation"
@@ -144,7 +150,7 @@ class KVQuant(Method):
     nf: bool = False
     cap_outliers: bool = False
     sink_in_fit: bool = False
-    kmeans_impl: str = "lloyd"        # "sklearn": the authors' scikit-learn KMeans call (see `sklearn_codebook`)
+    kmeans_impl: str = "sklearn"      # the authors' scikit-learn KMeans call (`sklearn_codebook`); "lloyd": kvlab's
     calib_rows: int | None = AUTHORS_CALIB_ROWS
     calib_len: int | None = AUTHORS_CALIB_LEN
 
@@ -256,7 +262,7 @@ class KVQuant(Method):
         fields = ("bits", "nuq", "fisher", "outliers", "qnorm", "sink", "k_scale", "group", "nf", "cap_outliers",
                   "sink_in_fit")
         key = {"method": self.name, "version": CALIB_VERSION, **{f: getattr(self, f) for f in fields}}
-        if self.kmeans_impl != "lloyd":     # only when not kvlab's engine, so fits cached before the field stay valid
+        if self.kmeans_impl != "lloyd":     # only when not kvlab's engine, so Lloyd fits cached before the field stay valid
             key["kmeans_impl"] = self.kmeans_impl
         return key
 
@@ -308,12 +314,24 @@ class KVQuant(Method):
         return {name: torch.stack(ts) for name, ts in out.items() if ts}
 
     def _layer_codebook(self, z: torch.Tensor, keep: torch.Tensor, w: torch.Tensor | None, seed: int):
-        """(k-means codebook or None, Q-Norm (a, b) or None) from the kept normalised values of one layer."""
+        """(k-means codebook or None, Q-Norm (a, b) or None) from the kept normalised values of one layer,
+        z / keep / w [n, kv_heads, T, head_dim]."""
+        authors = self.kmeans and self.kmeans_impl == "sklearn"
+        if w is not None:
+            w = w.expand_as(z)
+        if authors:
+            # k-means++ seeding draws points by index, so the order matters: the authors flatten the
+            # [rows * T, hidden] activations token-major (SQM:500-528), i.e. [n, T, kv_heads, head_dim]
+            z, keep = z.transpose(1, 2), keep.transpose(1, 2)
+            w = None if w is None else w.transpose(1, 2)
         zs = z[keep]
-        ws = None if w is None else w.expand_as(z)[keep]
+        ws = None if w is None else w[keep]
         if zs.numel() > MAX_KMEANS_POINTS:
             gen = torch.Generator(device="cpu").manual_seed(seed)
-            idx = torch.randperm(zs.numel(), generator=gen)[:MAX_KMEANS_POINTS].to(zs.device)
+            idx = torch.randperm(zs.numel(), generator=gen)[:MAX_KMEANS_POINTS]
+            if authors:
+                idx = idx.sort().values      # the subsample in the authors' order
+            idx = idx.to(zs.device)
             zs = zs[idx]
             ws = None if ws is None else ws[idx]
         cb = None
