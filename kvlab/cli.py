@@ -115,13 +115,17 @@ def cmd_eval(args) -> None:
         raise KVLabError(f"--data applies to --task ppl only; the task '{args.task}' reads its own examples")
     if kind == "lmeval":           # lm-eval missing, an unknown lm-eval task: before the model loads
         args.task = task_spec(args.task, args.protocol, n=args.n, num_fewshot=args.n_shot or None)
+    if (args.pack or args.measure_bytes) and kind != "ppl":
+        raise KVLabError(f"--pack / --measure-bytes apply to --task ppl only, not '{args.task}'")
     if kind == "ppl":
         from .data import DEFAULT_CORPUS, check_corpus
         args.data = args.data or DEFAULT_CORPUS
         check_corpus(args.data)    # an unknown corpus or an unreadable file:PATH fails before the model loads
     opts = {"ppl": dict(data=args.data, n_tokens=args.n_tokens, window=args.window, stride=args.stride,
-                        prefill=args.prefill, attn_error=not args.no_attn_error, calib_tokens=args.calib_tokens, **({"decode_chunk": args.decode_chunk} if args.protocol == "decode"
-                                                 else {})),
+                        prefill=args.prefill, attn_error=not args.no_attn_error, calib_tokens=args.calib_tokens,
+                        **({"decode_chunk": args.decode_chunk} if args.protocol == "decode" else {}),
+                        **({"measure_bytes": True} if args.measure_bytes else {}),
+                        **({"pack": True} if args.pack else {})),
             "choice": dict(n=args.n or 100, seed=args.seed),
             "summary": dict(n=args.n or 50, seed=args.seed, n_shot=args.n_shot,
                             max_new_tokens=args.max_new_tokens),
@@ -133,7 +137,7 @@ def cmd_eval(args) -> None:
     lm = load(args.model, device=args.device)
     df = run_task(lm, args.task, args.method, store=store, protocol=None if kind == "lmeval" else args.protocol,
                   recompute=args.recompute, **opts)
-    cols = {"ppl": ["avg_bits", "avg_bits_step_mean", "ppl", "kl", "top1", "k_rel_err", "v_rel_err", "attn_rel_err"],
+    cols = {"ppl": ["avg_bits", "avg_bits_step_mean", "avg_bits_measured", "cache_resident_bytes", "ppl", "kl", "top1", "k_rel_err", "v_rel_err", "attn_rel_err"],
             "choice": ["avg_bits", "acc", "acc_ci_low", "acc_ci_high", "acc_norm", "agree_fp", "ll_delta"],
             "summary": ["rouge1", "rouge2", "rougeL", "rougeL_fp", "exact_fp"],
             "passkey": ["passkey_exact", "passkey_digits", "n_examples"],
@@ -231,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(1 = token by token; more is an approximation, named in the results key)")
     e.add_argument("--no-attn-error", action="store_true", help="ppl: skip attn_rel_err (it costs a second "
                    "attention call per layer)")
+    e.add_argument("--measure-bytes", action="store_true", help="ppl: pack every stored span into real tensors "
+                   "and print avg_bits_measured (their bytes x 8 per element); always runs, the store keeps the "
+                   "quality metrics")
+    e.add_argument("--pack", action="store_true", help="ppl, prefill-decode / decode: keep the cache packed between "
+                   "calls (same logits) and print avg_bits_measured and cache_resident_bytes (what it held)")
     e.add_argument("--n", type=int, default=None, help="tasks: examples (default 100 multiple choice, 50 summaries)")
     e.add_argument("--seed", type=int, default=0, help="tasks: example sampling seed")
     e.add_argument("--n-shot", type=int, default=0, help="summaries: few-shot examples per prompt")

@@ -187,8 +187,9 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     and `layer_bits_tokens` / `layer_bits` (per layer, at most `kvlab.traces.TRACE_STEPS` steps).
 
     `measure_bytes=True` also packs every stored span into real tensors (`kvlab.pack`) and adds
-    `packed_bytes` (accounted) and `packed_bytes_measured` to the metrics (not stored in the results
-    store: they describe the run, not the method's quality).
+    `packed_bytes` (accounted), `packed_bytes_measured` and `avg_bits_measured` (the measured bytes x 8 per
+    element, fp16 sink and window included: `avg_bits` from real tensors) to the metrics (not stored in the
+    results store: they describe the run, not the method's quality).
 
     `pack=True` (prefill-decode / decode) runs the cache in its packed form (`kvlab.quantize(..., pack=True)`:
     the same logits, bit for bit) and adds `cache_resident_bytes` (what the last window's cache held
@@ -232,7 +233,8 @@ def evaluate(lm: LoadedModel, method: Method | str = "fp16", spec: EvalSpec | No
     metrics.update({k: s[k] for k in ("avg_bits_k", "avg_bits_v", "avg_bits", "k_rel_err", "v_rel_err",
                                       "attn_rel_err", "avg_bits_step_mean", "avg_bits_end") if k in s})
     if measure_bytes or pack:
-        metrics.update(packed_bytes=s["packed_bytes"], packed_bytes_measured=s["packed_bytes_measured"])
+        metrics.update(packed_bytes=s["packed_bytes"], packed_bytes_measured=s["packed_bytes_measured"],
+                       avg_bits_measured=s["avg_bits_measured"])
     if pack:
         metrics.update({k: s[k] for k in s if k.startswith("cache_resident")})
     layers, info = run.layer_report(), run.info

@@ -136,7 +136,7 @@ def outlier_grid(lm: LoadedModel, bits: Sequence[int] = (2, 3, 4),
     for m in methods:
         parse(m)
     todo = methods if store is None else [m for m in methods if store.get_result(
-        lm.model_id, spec.key, parse(m).spec, spec.protocol, Perplexity.required) is None]
+        lm.model_id, spec.key, parse(m).spec, spec.protocol, Perplexity(spec=spec).required) is None]
     calibrate_many(lm, todo, data=spec.data, n_tokens=spec.calib_tokens, window=spec.window, skip=spec.n_tokens)
     fp = fp_reference(lm, spec, store)
     df = evaluate_many(lm, methods, spec, store=store, progress=progress)

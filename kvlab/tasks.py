@@ -66,14 +66,27 @@ class Perplexity(Task):
     """Perplexity, KL and top-1 agreement with the fp model on corpus windows (`kvlab.evaluate`)."""
 
     kind: ClassVar[str] = "ppl"
-    required: ClassVar[tuple[str, ...]] = ("ppl", "kl", "top1")
     stored: ClassVar[tuple[str, ...] | None] = METRICS
     spec: EvalSpec = field(default_factory=EvalSpec)
+    # how the run stores the cache, not what is evaluated (neither changes a logit, neither is in the key):
+    # `measure_bytes` packs every stored span to measure its bytes; `pack` (prefill-decode / decode) keeps
+    # the cache packed between calls and measures what it holds (`kvlab.evaluate`)
+    measure_bytes: bool = field(default=False, kw_only=True)
+    pack: bool = field(default=False, kw_only=True)
 
     def __post_init__(self):
         if not isinstance(self.spec, EvalSpec):
             raise KVLabError(f"Perplexity takes an EvalSpec, got {type(self.spec).__name__}")
         object.__setattr__(self, "protocol", self.spec.protocol)   # the spec's protocol is the task's
+        if self.pack and self.spec.protocol == "fake":
+            raise KVLabError("pack=True keeps a cache packed between calls, and the fake protocol keeps no cache: "
+                             "use protocol prefill-decode or decode, or measure_bytes=True to measure the packed "
+                             "bytes in fake")
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The quality metrics; with measured bytes asked for, also those (never stored: such a run always runs)."""
+        return ("ppl", "kl", "top1") + (("avg_bits_measured",) if self.measure_bytes or self.pack else ())
 
     @property
     def key(self) -> str:
@@ -87,7 +100,7 @@ class Perplexity(Task):
 
     def evaluate(self, lm, method, progress=True) -> dict:
         from .evaluation import evaluate
-        result = evaluate(lm, method, self.spec, progress=progress)
+        result = evaluate(lm, method, self.spec, progress=progress, measure_bytes=self.measure_bytes, pack=self.pack)
         return {**result.metrics, "trace": result.trace}
 
 
@@ -231,7 +244,7 @@ class LMEval(Task):
 DEFAULT_PROTOCOL = {"ppl": "fake", "choice": "fake", "summary": "prefill-decode", "passkey": "prefill-decode",
                     "lmeval": "fake"}
 _CLASSES = {"ppl": Perplexity, "choice": Choice, "summary": Summary, "passkey": Passkey, "lmeval": LMEval}
-OPTIONS = {"ppl": tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name != "protocol"),
+OPTIONS = {"ppl": tuple(f.name for f in dataclasses.fields(EvalSpec) if f.name != "protocol") + ("measure_bytes", "pack"),
            "choice": ("n", "seed"),
            "summary": ("n", "seed", "n_shot", "max_new_tokens", "max_context_tokens", "template", "batch_size"),
            "passkey": ("context_lengths", "depths", "n_per_cell", "seed", "haystack"),
@@ -268,7 +281,8 @@ def task_spec(task: str | Task, protocol: str | None = None, **options: Any) -> 
                          f"{', '.join(OPTIONS[kind])}")
     protocol = protocol or DEFAULT_PROTOCOL[kind]
     if kind == "ppl":
-        return Perplexity(spec=EvalSpec(protocol=protocol, **options))
+        run = {k: options.pop(k) for k in ("measure_bytes", "pack") if k in options}
+        return Perplexity(spec=EvalSpec(protocol=protocol, **options), **run)
     if kind == "passkey":
         options = {k: tuple(v) if k in ("context_lengths", "depths") else v for k, v in options.items()}
         return Passkey(protocol=protocol, **options)

@@ -191,3 +191,38 @@ def test_hf_cache_resident_bytes_are_its_measured_state(tiny):
         measured = sum(row["measured_bytes"] for row in run.method.accounted_layers(run.cache))
     assert r["packed"] > 0 and r["fp"] > 0 and r["aux"] == 0
     assert r["total"] == r["packed"] + r["fp"] == measured
+
+
+def test_eval_cli_pack_and_measure_bytes_print_measured_bits(tmp_path, capsys):
+    """`kvlab eval --pack` / `--measure-bytes` run the packed forms and print avg_bits_measured (and, packed,
+    the resident bytes); the quality rows they store are the plain run's, and a stored result does not
+    stand in for a measurement."""
+    from kvlab.cli import main
+    from kvlab.store import Store
+    store = str(tmp_path / "r.sqlite")
+    base = ["eval", "--model", "tiny-llama", "--n-tokens", "128", "--window", "64", "--prefill", "24",
+            "--no-attn-error", "--method", "int:bits=2", "--store", store]
+    assert main(base + ["--protocol", "decode"]) == 0
+    plain = Store(store).load("metric=='ppl'")["value"].tolist()
+    capsys.readouterr()
+    assert main(base + ["--protocol", "decode", "--pack"]) == 0
+    out = capsys.readouterr().out
+    assert "avg_bits_measured" in out and "cache_resident_bytes" in out and "True" not in out   # not cached
+    assert Store(store).load("metric=='ppl'")["value"].tolist() == plain
+    assert main(base + ["--measure-bytes"]) == 0
+    assert "avg_bits_measured" in capsys.readouterr().out
+    assert main(base + ["--pack"]) == 2                     # fake keeps no cache
+    assert "pack=True keeps a cache packed" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-llama", "--task", "cloze-wiki", "--n", "2", "--method", "fp16",
+                 "--no-store", "--pack"]) == 2
+    assert "--task ppl only" in capsys.readouterr().err
+
+
+def test_measured_bits_equal_the_accounted_bits_for_a_packed_method(monkeypatch):
+    """avg_bits_measured = packed bytes x 8 per element; for uniform int it is the accounted avg_bits."""
+    monkeypatch.setenv("KVLAB_REFERENCE_CACHE", "0")
+    lm = kvlab.tiny("llama")
+    m = kvlab.evaluate(lm, "int:bits=4", data="wiki", n_tokens=128, window=64, progress=False, attn_error=False,
+                       measure_bytes=True).metrics
+    assert m["avg_bits_measured"] == pytest.approx(m["avg_bits"], rel=1e-9)
+    assert m["avg_bits_measured"] == pytest.approx(8 * m["packed_bytes_measured"] / (m["packed_bytes"] * 8 / m["avg_bits"]))

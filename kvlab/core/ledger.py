@@ -162,14 +162,16 @@ def summarize(table) -> dict:
     """Average bits per element (K, V, overall), packed bytes and mean relative errors of a ledger table."""
     kb, vb = table["k_total_bits"].sum(), table["v_total_bits"].sum()
     ke, ve = table["k_elems"].sum(), table["v_elems"].sum()
+    measured = (float(table["k_measured_bytes"].sum(min_count=1) + table["v_measured_bytes"].sum(min_count=1))
+                if "k_measured_bytes" in table else float("nan"))
     return {
         "avg_bits_k": kb / ke if ke else float("nan"),
         "avg_bits_v": vb / ve if ve else float("nan"),
         "avg_bits": (kb + vb) / (ke + ve) if ke + ve else float("nan"),
         "packed_bytes": (kb + vb) / 8.0,
         # the bytes of kvlab.pack's tensors (quantize(..., measure_bytes=True)), NaN unless measured
-        "packed_bytes_measured": float(table["k_measured_bytes"].sum(min_count=1) + table["v_measured_bytes"].sum(min_count=1))
-        if "k_measured_bytes" in table else float("nan"),
+        "packed_bytes_measured": measured,
+        "avg_bits_measured": 8.0 * measured / (ke + ve) if ke + ve else float("nan"),   # the same, per element
         "k_rel_err": float(table["k_rel_err"].mean()),
         "v_rel_err": float(table["v_rel_err"].mean()),
         "attn_rel_err": float(table["attn_rel_err"].mean()),     # NaN unless measured (attn_error=True)
