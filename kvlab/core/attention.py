@@ -18,6 +18,11 @@ from ..quant.base import AttentionStats
 QUERY_CHUNK = 256
 
 
+class StatisticsComplete(Exception):
+    """Raised by the session at the last layer's attention during a statistics pass (`phase == "stats"`):
+    every layer's K/V and statistics are taken, so the caller stops the forward there (the fake protocol)."""
+
+
 def original_attention(module: torch.nn.Module, name: str) -> Callable:
     """The attention function a module would call for implementation `name` (eager lives in its modeling file)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -99,7 +104,7 @@ def _attend(query, key, value, attention_mask, scaling, n_groups, n_recent, soft
     recent = torch.zeros(b, kvh, q_len - first_recent, kv_len, device=query.device)
     offset = kv_len - q_len                      # absolute position of query 0
     if value is not None:
-        v = value.float()[:, :, None]                                          # [b, kvh, 1, T, dv]
+        v = value.float()                                                      # [b, kvh, T, dv]
         out = torch.empty(b, kvh, g, q_len, value.shape[-1], device=query.device)
     for s in range(0, q_len, chunk):
         e = min(q_len, s + chunk)
@@ -121,8 +126,9 @@ def _attend(query, key, value, attention_mask, scaling, n_groups, n_recent, soft
         if attention_mask is not None:           # a fully masked row (padding) is NaN: it attends to nothing
             probs.nan_to_num_(0.0)
         total[..., :kv_end] += probs.sum(dim=(2, 3))
-        if value is not None:
-            out[:, :, :, s:e] = torch.matmul(probs, v[..., :kv_end, :])
+        if value is not None:                    # a group's heads stacked again: one matmul, no broadcast
+            pv = torch.matmul(probs.view(b, kvh, g * c, kv_end), v[..., :kv_end, :])
+            out[:, :, :, s:e] = pv.view(b, kvh, g, c, -1)
         if e > first_recent:
             lo = max(0, first_recent - s)                       # the chunk's first query in the window
             recent[:, :, s + lo - first_recent:e - first_recent, :kv_end] = probs[:, :, :, lo:].amax(2)

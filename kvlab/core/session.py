@@ -23,7 +23,8 @@ from ..errors import KVLabError
 from ..protocols import check_protocol, protocol_class
 from ..quant.base import AttentionStats, Method
 from .arch import AttnSite, Architecture, apply_rope, from_heads, to_heads
-from .attention import accumulate_stats, apply_keep, attention_received, attention_with_stats, wrapped_attention
+from .attention import (StatisticsComplete, accumulate_stats, apply_keep, attention_received, attention_with_stats,
+                        wrapped_attention)
 from .cache import KVLabCache, KVLabLayer, TokenSpans
 from .capture import Recorder
 from .external import ExternalCache
@@ -296,6 +297,10 @@ class Session:
             if record_attn:                      # this call's own statistics (accumulating may add in place)
                 self.recorder.record("attn", idx, st.received_sum.clone())
             self.stats[idx] = accumulate_stats(self.stats[idx], st, query.shape[-2])
+        if self.phase == "stats" and idx == self.n_layers - 1:
+            # the fake protocol's statistics pass wants every layer's K/V and statistics, now all taken:
+            # the last layer's output, MLP and the LM head would be thrown away
+            raise StatisticsComplete
         if self.recorder.wants("q") and self.phase == "run":
             self.recorder.record("q", idx, query)
         if out is None:

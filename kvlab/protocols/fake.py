@@ -5,7 +5,8 @@ reads the method's reconstruction of every key and value (KVQuant's and KIVI's p
 e.g. KVQuant `quant/llama_simquant.py`'s simulated quantization of k_proj/v_proj outputs). There is
 no residual window: every token but the sink is quantized. Methods that need attention statistics
 or see the whole cache at once get a full-precision pass over the same input first (statistics
-cannot come from a pass that already needs them); its logits are discarded.
+cannot come from a pass that already needs them); it stops after the last layer's attention (its
+output, MLP and logits would be discarded).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import inspect
 
 import torch
 
-from ..core.attention import attention_logits
+from ..core.attention import StatisticsComplete, attention_logits
 from ..core.cache import KVLabCache, KVLabLayer, TokenSpans
 from ..errors import KVLabError
 from ..quant.base import Quantized
@@ -42,6 +43,8 @@ class Fake(Protocol):
         try:
             with torch.no_grad():
                 model(*args, **{**kwargs, **extra})
+        except StatisticsComplete:               # the last layer's statistics are in: the rest is not computed
+            pass
         finally:
             session.phase = "run"
         if self.method.scope == "cache":

@@ -427,3 +427,28 @@ def test_statistics_pass_from_own_probabilities_matches_the_models_kernel(family
         torch.testing.assert_close(out_own[i] / scale, out_ref[i] / scale, rtol=0, atol=1e-5)
     for a, b in zip(st_own, st_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", ["qaq-low", "qaq-code"])     # layer scope; whole cache
+def test_statistics_pass_stops_after_the_last_layers_attention(family, spec):
+    """The fake statistics pass needs every layer's K/V and statistics, all taken once the last layer's
+    attention has run: its output projection, MLP and the LM head are skipped (each runs once per forward,
+    in the quantized pass), every earlier layer runs twice, and every layer's statistics are there."""
+    lm = models.tiny(family)
+    m, ids = lm.model, _ids(1, 40)
+    calls: dict[str, int] = {}
+    last = m.model.layers[-1]
+    watched = {"first_mlp": m.model.layers[0].mlp, "last_mlp": last.mlp, "last_o_proj": last.self_attn.o_proj,
+               "lm_head": m.lm_head}
+    hooks = [mod.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+             for name, mod in watched.items()]
+    try:
+        with quantize(m, spec, protocol="fake") as run:
+            m(ids)
+            assert all(s is not None and s.received_sum.shape[-1] == 40 for s in run.stats)
+    finally:
+        for hd in hooks:
+            hd.remove()
+    assert calls == {"first_mlp": 2, "last_mlp": 1, "last_o_proj": 1, "lm_head": 1}
