@@ -59,6 +59,7 @@ class Packed:
     tables_counted: bool = False
     side: dict[str, torch.Tensor] = field(default_factory=dict)
     layout: dict = field(default_factory=dict)
+    signature: tuple | None = field(default=None, repr=False, compare=False)    # `_signature`, once stored
 
     @property
     def nbytes(self) -> int:
@@ -78,13 +79,21 @@ class Packed:
 
 PackFn = Callable[..., Packed]
 UnpackFn = Callable[[Packed], torch.Tensor]
+UnpackManyFn = Callable[[list[Packed]], torch.Tensor]
 _PACKERS: dict[type, tuple[PackFn, UnpackFn]] = {}
+_UNPACK_MANY: dict[type, UnpackManyFn] = {}
 
 
-def register_packer(cls: type, pack_fn: PackFn, unpack_fn: UnpackFn) -> None:
+def register_packer(cls: type, pack_fn: PackFn, unpack_fn: UnpackFn, unpack_many: UnpackManyFn | None = None) -> None:
     """Packed storage for instances of exactly `cls` (a subclass may quantize differently: it registers its own).
-    `pack_fn(method, x, ctx, keep)` returns a Packed, `unpack_fn(packed)` the dequantized tensor."""
+    `pack_fn(method, x, ctx, keep)` returns a Packed, `unpack_fn(packed)` the dequantized tensor;
+    optionally `unpack_many(packeds)`: chunks of one signature (`_signature`) dequantized in one vectorized
+    call, stacked [N, *shape] (a decode cache holds one chunk per flushed token: `unpack_chunks`)."""
     _PACKERS[cls] = (pack_fn, unpack_fn)
+    if unpack_many is not None:
+        _UNPACK_MANY[cls] = unpack_many
+    else:
+        _UNPACK_MANY.pop(cls, None)
 
 
 def supported() -> list[str]:
@@ -158,6 +167,40 @@ def unpack(packed: Packed) -> torch.Tensor:
     return _entry(packed.method)[1](packed)
 
 
+def _signature(p: Packed) -> tuple:
+    """Chunks with equal signatures differ only in their numbers (and outlier counts): the same method object,
+    shape, layout, data shapes and the very same per-layer tables (a packed cache shares equal ones), so they
+    can be dequantized as one batch. Computed once per chunk (a stored chunk does not change)."""
+    if p.signature is None:
+        p.signature = (id(p.method), p.kind, p.shape, p.dtype, repr(p.layout),
+                       tuple((k, tuple(t.shape)) for k, t in p.data.items() if not k.startswith("outlier")),
+                       tuple((k, id(t)) for k, t in p.tables.items()), tuple(p.side))
+    return p.signature
+
+
+def unpack_chunks(packeds: list[Packed]) -> list[tuple[int, int, torch.Tensor]]:
+    """Dequantize consecutive chunks: [(i, j, x)] where x is chunks i..j-1 concatenated along the token axis
+    (dim -2). Runs of chunks with one signature whose method registered `unpack_many` are dequantized in
+    one vectorized call (a decode cache flushes one chunk per token: unpacking them one by one costs a
+    Python round per token and layer); anything else one by one. Bit for bit `unpack` of each chunk."""
+    out, i = [], 0
+    while i < len(packeds):
+        p, j = packeds[i], i + 1
+        many = _UNPACK_MANY.get(type(p.method))
+        if many is not None and len(p.shape) >= 2:
+            sig = _signature(p)
+            while j < len(packeds) and _signature(packeds[j]) == sig:
+                j += 1
+        if j - i == 1:
+            out.append((i, j, unpack(p)))
+        else:
+            x = many(packeds[i:j])                                     # [N, ..., t, d]
+            x = x.movedim(0, -3)                                       # [..., N, t, d]
+            out.append((i, j, x.reshape(*x.shape[:-3], -1, x.shape[-1])))
+        i = j
+    return out
+
+
 def measured_bytes(method: Method | str, x: torch.Tensor, ctx: LayerContext,
                    keep: torch.Tensor | None = None) -> int:
     """Bytes of the packed tensors that store x (`pack(...).nbytes`), to compare with `Quantized.bits / 8`."""
@@ -204,14 +247,21 @@ def _pack_uniform(data: dict, x: torch.Tensor, bits: int, dim: int, group, symme
     return {"bits": bits, "dim": dim, "group": group, "symmetric": symmetric, "shape": tuple(x.shape)}
 
 
-def _unpack_uniform(data: dict, lay: dict, dtype, prefix: str = "") -> torch.Tensor:
+def _unpack_uniform(data: dict, lay: dict, dtype, prefix: str = "", rows: tuple = ()) -> torch.Tensor:
+    """`_pack_uniform`'s tensor; `rows` = (N,): data stacked from N chunks of one layout, -> [N, *shape]."""
     shape = lay["shape"]
     n = 1
     for s in shape:
         n *= s
-    codes = unpack_bits(data[f"{prefix}codes"], lay["bits"], n).view(shape)
-    return uniform_decode(codes, data[f"{prefix}scale"], data.get(f"{prefix}zero"), lay["bits"], dim=lay["dim"],
+    codes = unpack_bits(data[f"{prefix}codes"], lay["bits"], n).view(*rows, *shape)
+    dim = lay["dim"] if lay["dim"] < 0 else lay["dim"] - len(shape)      # counted from the end: rows in front
+    return uniform_decode(codes, data[f"{prefix}scale"], data.get(f"{prefix}zero"), lay["bits"], dim=dim,
                           group=lay["group"], dtype=dtype)
+
+
+def _stacked(ps: list[Packed]) -> dict[str, torch.Tensor]:
+    """The chunks' data tensors stacked on a new first dim (every field but outliers)."""
+    return {k: torch.stack([p.data[k] for p in ps]) for k in ps[0].data if not k.startswith("outlier")}
 
 
 def _new(method, x, ctx, **kw) -> Packed:
@@ -241,6 +291,10 @@ def _pack_kivi(method: KIVI, x, ctx, keep) -> Packed:
 
 def _unpack_plain(p: Packed) -> torch.Tensor:
     return _unpack_uniform(p.data, p.layout, p.dtype)
+
+
+def _unpack_plain_many(ps: list[Packed]) -> torch.Tensor:
+    return _unpack_uniform(_stacked(ps), ps[0].layout, ps[0].dtype, rows=(len(ps),))
 
 
 # =============================================================================================
@@ -321,8 +375,16 @@ def _pack_kvquant(method: KVQuant, x, ctx, keep) -> Packed:
 
 
 def _unpack_kvquant(p: Packed) -> torch.Tensor:
+    return _unpack_kvquant_many([p])[0]
+
+
+def _unpack_kvquant_many(ps: list[Packed]) -> torch.Tensor:
+    """Chunks of one signature -> [N, *shape] (N = 1: one chunk); outliers, whose counts differ per chunk,
+    are put back through flat indices offset by each chunk's position in the batch."""
+    p, N = ps[0], len(ps)
     m, lay, shape = p.method, p.layout, p.shape
     dev = p.data["codes"].device
+    data = _stacked(ps) if N > 1 else {k: v[None] for k, v in p.data.items() if not k.startswith("outlier")}
     n = 1
     for s in shape:
         n *= s
@@ -342,16 +404,19 @@ def _unpack_kvquant(p: Packed) -> torch.Tensor:
         off, scl = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-8)
         off, scl = _fp16(off), _fp16(scl).clamp_min(1e-8)
     elif lay["meta"] == "token":
-        off = p.data["offset"].float()[:, None, :, None]
-        scl = p.data["scale"].float()[:, None, :, None].clamp_min(1e-8)
+        off = data["offset"].float()[:, :, None, :, None]
+        scl = data["scale"].float()[:, :, None, :, None].clamp_min(1e-8)
     else:
         g, T = lay["group"], shape[-2]
-        off = p.data["offset"].float().repeat_interleave(g, dim=-2)[..., :T, :]
-        scl = p.data["scale"].float().repeat_interleave(g, dim=-2)[..., :T, :].clamp_min(1e-8)
-    idx = unpack_bits(p.data["codes"], lay["code_bits"], n).view(shape).long()
+        off = data["offset"].float().repeat_interleave(g, dim=-2)[..., :T, :]
+        scl = data["scale"].float().repeat_interleave(g, dim=-2)[..., :T, :].clamp_min(1e-8)
+    idx = unpack_bits(data["codes"], lay["code_bits"], n).view(N, *shape).long()
     xh = (levels.to(device=dev, dtype=torch.float32)[idx] * scl + off).to(p.dtype)
     if "outlier_index" in p.data:
-        xh = _put_outliers(xh.reshape(-1), p.data).view(shape)
+        flat = xh.reshape(-1)
+        index = torch.cat([q.data["outlier_index"].long() + j * n for j, q in enumerate(ps)])
+        value = torch.cat([q.data["outlier_value"] for q in ps])
+        xh = flat.index_put((index,), value.to(flat.dtype)).view(N, *shape)
     return xh
 
 
@@ -495,10 +560,10 @@ def _unpack_quarot(p: Packed) -> torch.Tensor:
     return xh.to(p.dtype)
 
 
-register_packer(Uniform, _pack_int, _unpack_plain)
-register_packer(KIVI, _pack_kivi, _unpack_plain)
+register_packer(Uniform, _pack_int, _unpack_plain, _unpack_plain_many)
+register_packer(KIVI, _pack_kivi, _unpack_plain, _unpack_plain_many)
 register_packer(PMKVQ, _pack_pmkvq, _unpack_pmkvq)
-register_packer(KVQuant, _pack_kvquant, _unpack_kvquant)
+register_packer(KVQuant, _pack_kvquant, _unpack_kvquant, _unpack_kvquant_many)
 register_packer(QAQ, _pack_qaq, _unpack_qaq)
 register_packer(QHitter, _pack_qhitter, _unpack_qhitter)
 register_packer(QuaRot, _pack_quarot, _unpack_quarot)

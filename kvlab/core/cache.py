@@ -164,13 +164,21 @@ class KVLabLayer:
         store = self.packed
         parts = [store.head[kind]] if store.head[kind] is not None else []
         t0 = time.perf_counter()
-        for c in store.chunks[kind]:
-            x = c.packed.unpack()
-            if c.rope:
-                from .arch import apply_rope      # lazily: arch imports nothing from here, but keep the graph flat
-                cos, sin = self.rope
-                x = apply_rope(self._kvlab.arch.sites[self.layer_idx].module, x, cos[:, c.s:c.e], sin[:, c.s:c.e])
-            parts.append(x)
+        from ..pack import unpack_chunks         # lazily: kvlab.pack imports the methods, the core does not need them
+        chunks, start = store.chunks[kind], 0
+        while start < len(chunks):               # runs of chunks alike in `rope`, each unpacked in as few calls as can be
+            stop = start + 1
+            while stop < len(chunks) and chunks[stop].rope == chunks[start].rope:
+                stop += 1
+            run = chunks[start:stop]
+            for i, j, x in unpack_chunks([c.packed for c in run]):
+                if run[i].rope:
+                    from .arch import apply_rope
+                    s, e = run[i].s, run[j - 1].e
+                    cos, sin = self.rope
+                    x = apply_rope(self._kvlab.arch.sites[self.layer_idx].module, x, cos[:, s:e], sin[:, s:e])
+                parts.append(x)
+            start = stop
         store.seconds["unpack"] += time.perf_counter() - t0
         if store.tail[kind] is not None:
             parts.append(store.tail[kind])

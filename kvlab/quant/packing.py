@@ -48,18 +48,20 @@ def pack_bits(codes: torch.Tensor, bits: int, word: torch.dtype = torch.uint8) -
 
 
 def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The `n` codes of a `pack_bits` stream, int32 [n]."""
+    """The `n` codes of a `pack_bits` stream, int32 [n]; or of several streams of equal length at once,
+    words [N, L] -> codes [N, n] (one vectorized call for many chunks)."""
     bits, n = int(bits), int(n)
+    rows = words.shape[:-1] if words.dim() == 2 else ()
     if bits == 0 or n == 0:
-        return torch.zeros(n, dtype=torch.int32, device=words.device)
+        return torch.zeros(*rows, n, dtype=torch.int32, device=words.device)
     w = _WORD_BITS.get(words.dtype)
     if w is None:
         raise KVLabError(f"unpack_bits: words must be uint8 or int32, got {words.dtype}")
-    if words.numel() * w < n * bits:
-        raise KVLabError(f"unpack_bits: {words.numel()} words of {w} bits hold fewer than {n} codes of {bits} bits")
+    if words.shape[-1] * w < n * bits:
+        raise KVLabError(f"unpack_bits: {words.shape[-1]} words of {w} bits hold fewer than {n} codes of {bits} bits")
     wide = words.to(torch.int64) & ((1 << w) - 1)
-    stream = ((wide[:, None] >> torch.arange(w, device=words.device)) & 1).to(torch.uint8)
-    stream = stream.reshape(-1)[: n * bits].view(n, bits).to(torch.int32)
+    stream = ((wide[..., None] >> torch.arange(w, device=words.device)) & 1).to(torch.uint8)
+    stream = stream.reshape(*rows, -1)[..., : n * bits].reshape(*rows, n, bits).to(torch.int32)
     return (stream << torch.arange(bits, device=words.device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
 
 

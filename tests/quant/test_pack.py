@@ -11,6 +11,7 @@ import torch
 import kvlab
 
 from kvlab import pack as P
+from kvlab.core.cache import PackedStore
 from kvlab.errors import KVLabError
 from kvlab.quant import AttentionStats, LayerContext, parse
 from kvlab.quant.base import Captured
@@ -277,3 +278,36 @@ def test_measure_bytes_refuses_methods_without_packed_storage():
         with pytest.raises(KVLabError, match="measure_bytes|packed storage"):
             with quantize(m, spec, protocol="prefill-decode", measure_bytes=True):
                 pass
+
+
+def test_unpack_bits_of_many_streams_at_once_equals_each():
+    g = torch.Generator().manual_seed(3)
+    for bits in (1, 2, 3, 5, 8):
+        codes = torch.randint(0, 1 << bits, (6, 37), generator=g)
+        words = torch.stack([pack_bits(c, bits) for c in codes])
+        assert torch.equal(unpack_bits(words, bits, 37), codes.to(torch.int32))
+
+
+@pytest.mark.parametrize("spec", ["int:bits=3", "int:bits=2,k_axis=channel,group=8", "kivi:bits=2,group=16",
+                                  "kvquant:bits=2,k_scale=online,group=4,nf=true,outliers=0.05",
+                                  "kvquant:bits=3,outliers=0.05"])
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_unpack_chunks_batches_like_chunks_bit_for_bit(spec, kind):
+    """A decode cache holds one chunk per flushed token (or group): `unpack_chunks` dequantizes runs of chunks
+    with one signature in one vectorized call. The result is each chunk's own `unpack`, concatenated along
+    the tokens, bit for bit, for runs of 1-token chunks, multi-token chunks and a mix (runs break where the
+    shape changes); outlier counts differ from chunk to chunk."""
+    shape = (2, 3, 40, 64)
+    m = _fit(spec) if "outliers=0.05" in spec and "online" not in spec else parse(spec)
+    x = realistic(shape=shape, seed=5)
+    cuts = [0] + list(range(1, 9)) + [12, 16, 20, 24, 25, 26, 40]     # 1-token chunks, then 4-token, then mixed
+    store = PackedStore()                # as a packed cache holds them: equal per-layer tables shared
+    for s, e in zip(cuts, cuts[1:]):
+        store.add(kind, P.pack(m, x[..., s:e, :], ctx(kind, shape=(2, 3, e - s, 64), start=s)), s, e)
+    packeds = [c.packed for c in store.chunks[kind]]
+    runs = P.unpack_chunks(packeds)
+    assert [(i, j) for i, j, _ in runs][0] == (0, 8) and any(j - i > 1 for i, j, _ in runs[1:])
+    assert sum(j - i for i, j, _ in runs) == len(packeds)
+    got = torch.cat([t for _, _, t in runs], dim=-2)
+    want = torch.cat([p.unpack() for p in packeds], dim=-2)
+    assert torch.equal(got, want)
