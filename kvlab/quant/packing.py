@@ -60,6 +60,13 @@ def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if words.shape[-1] * w < n * bits:
         raise KVLabError(f"unpack_bits: {words.shape[-1]} words of {w} bits hold fewer than {n} codes of {bits} bits")
     wide = words.to(torch.int64) & ((1 << w) - 1)
+    if w % bits == 0:             # 1, 2, 4, 8 (16) bits: whole codes per word, shifted out directly
+        per = w // bits
+        if w == 8:                # uint8 words: int32 arithmetic is enough
+            wide = wide.to(torch.int32)
+        shifts = torch.arange(per, device=words.device, dtype=wide.dtype) * bits
+        codes = (wide[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*rows, -1)[..., :n].to(torch.int32)
     stream = ((wide[..., None] >> torch.arange(w, device=words.device)) & 1).to(torch.uint8)
     stream = stream.reshape(*rows, -1)[..., : n * bits].reshape(*rows, n, bits).to(torch.int32)
     return (stream << torch.arange(bits, device=words.device, dtype=torch.int32)).sum(-1, dtype=torch.int32)
