@@ -520,3 +520,26 @@ def test_kmeans_impl_sklearn_missing_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)      # `from sklearn.cluster import ...` fails
     with pytest.raises(KVLabError, match="pip install scikit-learn"):
         kvq.sklearn_codebook(torch.linspace(-1, 1, 64), 2)
+
+
+def test_kmeans_points_limits_the_subsample_and_none_takes_every_point(monkeypatch):
+    """k-means sees at most `kmeans_points` of a layer's points (a random subsample in the authors' order);
+    `kmeans_points=none` hands it every point, as upstream does (SQM:511-528 fits on all of them). The
+    limit is part of the spec and of the calibration key only when it is not the default."""
+    calls = _record(monkeypatch)
+    k, v, gk, gv = _data()
+    n_all = authors_points(k[0], v[0], gk[0], gv[0])[0][0].size
+    parse("kvquant:bits=2,kmeans_points=none").fit_tensors(k[:1], v[:1], gk[:1], gv[:1])
+    _same_points(calls[0], authors_points(k[0], v[0], gk[0], gv[0])[0])
+    calls.clear()
+    parse(f"kvquant:bits=2,kmeans_points={n_all // 2}").fit_tensors(k[:1], v[:1], gk[:1], gv[:1])
+    z, w = calls[0]
+    assert z.numel() == n_all // 2
+    want_z, want_w = authors_points(k[0], v[0], gk[0], gv[0])[0]
+    order = {float(x): i for i, x in enumerate(want_w)}          # weights are distinct: a point's identity
+    pos = [order[float(x)] for x in w]
+    assert pos == sorted(pos)                                    # the subsample keeps the authors' order
+    default = parse("kvquant-nuq2")
+    assert "kmeans_points" not in default.spec and "kmeans_points" not in default.calibration_key()
+    none = parse("kvquant:bits=2,kmeans_points=none")
+    assert parse(none.spec) == none and none.calibration_key()["kmeans_points"] is None
