@@ -148,7 +148,7 @@ def test_kvquant_needs_calibration_and_says_so():
 def test_kvquant_presets_and_spec_roundtrip():
     # `fisher` (and, for k-means codebooks, `kmeans_impl`) are always spelled out: their defaults changed,
     # and old results are keyed by the old specs
-    assert parse("kvquant-nuq3-1%").spec == "kvquant:bits=3,fisher=activation,outliers=0.01,kmeans_impl=sklearn"
+    assert parse("kvquant-nuq3-1%").spec == "kvquant:bits=3,fisher=activation,outliers=0.01,kmeans_impl=sklearn,kmeans_points=None"
     assert parse("kvquant-int2").spec == "kvquant:bits=2,nuq=false,fisher=activation"
     assert parse("kvquant:bits=3,outliers=0.01").spec != "kvquant:bits=3,outliers=0.01"
     assert parse("kvquant-nuq4") == KVQuant(bits=4)

@@ -495,22 +495,26 @@ def test_kmeans_impl_sklearn_fit_calls_the_authors_kmeans_on_the_authors_points(
 
 
 def test_kmeans_impl_spec_and_calibration_key():
-    """"sklearn" (the authors' call) is the default and spelled out in every k-means spec, so results stored
-    under the older strings (which meant kvlab's Lloyd) never answer for it; "lloyd" keeps the calibration
-    key its fits were cached under; datatypes without k-means (int, NormalFloat) keep their specs; anything
-    else is refused."""
+    """"sklearn" (the authors' call) on every point is the default and spelled out in every k-means spec, so
+    results stored under the older strings (kvlab's Lloyd, then a 2^20 subsample) never answer for it;
+    Lloyd on 2^20 points keeps the calibration key its fits were cached under; datatypes without k-means
+    (int, NormalFloat) keep their specs and keys; anything else is refused."""
     for preset_name, old in (("kvquant-nuq2-1%", "kvquant:bits=2,fisher=activation,outliers=0.01"),
                              ("kvquant-nuq3", "kvquant:bits=3,fisher=activation")):
         m = parse(preset_name)
-        assert m.kmeans_impl == "sklearn" and m.spec == old + ",kmeans_impl=sklearn"
+        assert m.kmeans_impl == "sklearn" and m.kmeans_points is None
+        assert m.spec == old + ",kmeans_impl=sklearn,kmeans_points=None"
         assert parse(old) == m                  # an old string now parses to the default ...
-        lloyd = parse(old + ",kmeans_impl=lloyd")
-        assert lloyd.spec == old + ",kmeans_impl=lloyd" and parse(lloyd.spec) == lloyd != m
-        assert "kmeans_impl" not in lloyd.calibration_key()       # ... and Lloyd fits cached before stay valid
-        assert m.calibration_key() == {**lloyd.calibration_key(), "kmeans_impl": "sklearn"}
+        lloyd = parse(old + ",kmeans_impl=lloyd,kmeans_points=1048576")
+        assert parse(lloyd.spec) == lloyd != m
+        key = lloyd.calibration_key()           # ... and fits cached before the fields existed stay valid
+        assert "kmeans_impl" not in key and "kmeans_points" not in key
+        assert m.calibration_key() == {**key, "kmeans_impl": "sklearn", "kmeans_points": None}
     for preset_name, spec in (("kvquant-int2", "kvquant:bits=2,nuq=false,fisher=activation"),
                               ("kvquant-nf3", "kvquant:bits=3,fisher=activation,nf=true")):
-        assert parse(preset_name).spec == spec
+        m = parse(preset_name)
+        assert m.spec == spec and "kmeans_impl" not in m.calibration_key()
+        assert "kmeans_points" not in m.calibration_key()
     with pytest.raises(KVLabError, match="kmeans_impl"):
         parse("kvquant:bits=2,kmeans_impl=kmeans++")
 
@@ -523,9 +527,8 @@ def test_kmeans_impl_sklearn_missing_names_the_install(monkeypatch):
 
 
 def test_kmeans_points_limits_the_subsample_and_none_takes_every_point(monkeypatch):
-    """k-means sees at most `kmeans_points` of a layer's points (a random subsample in the authors' order);
-    `kmeans_points=none` hands it every point, as upstream does (SQM:511-528 fits on all of them). The
-    limit is part of the spec and of the calibration key only when it is not the default."""
+    """`kmeans_points=none` (the default) hands k-means every point, as upstream does (SQM:511-528 fits on
+    all of them); an integer n, a random subsample of n points kept in the authors' order."""
     calls = _record(monkeypatch)
     k, v, gk, gv = _data()
     n_all = authors_points(k[0], v[0], gk[0], gv[0])[0][0].size
@@ -539,7 +542,4 @@ def test_kmeans_points_limits_the_subsample_and_none_takes_every_point(monkeypat
     order = {float(x): i for i, x in enumerate(want_w)}          # weights are distinct: a point's identity
     pos = [order[float(x)] for x in w]
     assert pos == sorted(pos)                                    # the subsample keeps the authors' order
-    default = parse("kvquant-nuq2")
-    assert "kmeans_points" not in default.spec and "kmeans_points" not in default.calibration_key()
-    none = parse("kvquant:bits=2,kmeans_points=none")
-    assert parse(none.spec) == none and none.calibration_key()["kmeans_points"] is None
+    assert parse("kvquant-nuq2") == parse("kvquant:bits=2,kmeans_points=none")     # every point: the default

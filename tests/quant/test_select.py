@@ -11,7 +11,7 @@ from kvlab.quant.methods.select import parse_layers, select_spec
 @pytest.mark.parametrize("spec, canonical", [
     ("select:inner=int2,layers=3+1,kind=k", "select:inner=int:bits=2,layers=1+3,kind=k"),
     ("select:inner=kvquant:bits=3;outliers=0.01,layers=0-2+10,kind=kv",
-     "select:inner=kvquant:bits=3;fisher=activation;outliers=0.01;kmeans_impl=sklearn,layers=0+1+2+10,kind=kv"),
+     "select:inner=kvquant:bits=3;fisher=activation;outliers=0.01;kmeans_impl=sklearn;kmeans_points=None,layers=0+1+2+10,kind=kv"),
     ("select:inner=kivi-2,layers=all,kind=v", "select:inner=kivi:bits=2;flush=authors,layers=all,kind=v"),
 ])
 def test_select_spec_round_trips(spec, canonical):

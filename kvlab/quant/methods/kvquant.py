@@ -28,10 +28,11 @@ the upstream rules and their file:line are in `kvlab.quant.kvquant_rules`). By s
   has the same lines), i.e. k-means++ seeded with 0 (one init under n_init="auto") and sklearn's tol=1e-4
   stop; "lloyd" = kvlab's weighted 1-D Lloyd, 50 iterations from a deterministic weighted-quantile init,
   batched on the model's device (`kvlab.quant.primitives.kmeans_codebook`; kvlab's default before
-  the switch, so k-means spec strings stored without `kmeans_impl` meant "lloyd"). Both see the same
-  points: at most `kmeans_points` (2^20) per layer, a random subsample kept in the authors' order, where
-  upstream takes all (`kmeans_points=none`: every point, 6.3M per layer at 16 x 2048 on SmolLM2-135M,
-  ~5x the fitting time).
+  the switch, so k-means spec strings stored without `kmeans_impl` meant "lloyd"). Both see the
+  points `kmeans_points` allows: None (the default) every point, as upstream (6.3M per layer at
+  16 x 2048 on SmolLM2-135M: about a minute per config on one CPU core); an integer n a random
+  subsample of n per layer, kept in the authors' order (2^20 was kvlab's default before, so k-means
+  specs stored without `kmeans_points` meant 2^20).
 * Sec. 3.5 per-vector dense-and-sparse: keys whose value falls outside their channel's calibrated
   [lo, hi] (rho of the calibration values per channel), and per value vector the ceil(rho/2 * D)
   smallest and largest entries, D = kv_heads * head_dim (online, the rho/2 and 1 - rho/2
@@ -81,7 +82,7 @@ from ..registry import preset, register
 K_SCALES = ("calib", "online")
 KMEANS_IMPLS = ("lloyd", "sklearn")
 CALIB_VERSION = 2             # 2: sink tokens out of the fit, fisher rules by name, nf, cap_outliers
-MAX_KMEANS_POINTS = 1 << 20   # k-means on a fixed random subsample of at most this many values per layer
+MAX_KMEANS_POINTS = 1 << 20   # kvlab's former k-means subsample per layer (`kmeans_points`; fits keyed without it)
 
 
 _NF_LEVELS: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -136,10 +137,11 @@ class KVQuant(Method):
     # (dL/dA * scale)^2 and kept the sink in the fit), so results stored under the old spec strings
     # ("kvquant:bits=2,outliers=0.01") are never read as the authors' rule's. So is `kmeans_impl` for a
     # fitted codebook: its default became the authors' scikit-learn call, and k-means specs stored before
-    # ("kvquant:bits=2,fisher=activation,outliers=0.01") meant kvlab's Lloyd
+    # ("kvquant:bits=2,fisher=activation,outliers=0.01") meant kvlab's Lloyd; and `kmeans_points`, whose
+    # default became every point (specs stored without it meant a 2^20 subsample)
     @property
     def spec_always(self) -> tuple[str, ...]:
-        return ("bits", "fisher", "kmeans_impl") if self.kmeans else ("bits", "fisher")
+        return ("bits", "fisher", "kmeans_impl", "kmeans_points") if self.kmeans else ("bits", "fisher")
 
     bits: int = 4
     nuq: bool = True
@@ -153,7 +155,7 @@ class KVQuant(Method):
     cap_outliers: bool = False
     sink_in_fit: bool = False
     kmeans_impl: str = "sklearn"      # the authors' scikit-learn KMeans call (`sklearn_codebook`); "lloyd": kvlab's
-    kmeans_points: int | None = MAX_KMEANS_POINTS     # points per layer k-means sees (None: all, as upstream)
+    kmeans_points: int | None = None  # points per layer k-means sees (None: all, as upstream; n: a subsample)
     calib_rows: int | None = AUTHORS_CALIB_ROWS
     calib_len: int | None = AUTHORS_CALIB_LEN
 
@@ -267,9 +269,11 @@ class KVQuant(Method):
         fields = ("bits", "nuq", "fisher", "outliers", "qnorm", "sink", "k_scale", "group", "nf", "cap_outliers",
                   "sink_in_fit")
         key = {"method": self.name, "version": CALIB_VERSION, **{f: getattr(self, f) for f in fields}}
-        if self.kmeans_impl != "lloyd":     # only when not kvlab's engine, so Lloyd fits cached before the field stay valid
+        # the k-means fields only where there is a k-means, and only away from the values fits were cached under
+        # before they existed (kvlab's Lloyd on a 2^20 subsample), so those fits stay valid
+        if self.kmeans and self.kmeans_impl != "lloyd":
             key["kmeans_impl"] = self.kmeans_impl
-        if self.kmeans_points != MAX_KMEANS_POINTS:     # likewise: fits cached before the field stay valid
+        if self.kmeans and self.kmeans_points != MAX_KMEANS_POINTS:
             key["kmeans_points"] = self.kmeans_points
         return key
 
