@@ -52,9 +52,9 @@ the upstream rules and their file:line are in `kvlab.quant.kvquant_rules`). By s
   takes the caller's (`kvlab.evaluate`: `EvalSpec.calib_tokens` in rows of its window). This field wins
   over the caller's through `calibration_text`, read by `kvlab.calibration` (explicit `ids` win over both).
   Cost, measured on the 2-core CPU box (1 torch thread, two other jobs running) with SmolLM2-135M:
-  the 16 x 2048 capture with gradients took 18 min (35-105 s a row) and ~7.5 GB of RAM, then each
-  config's fit 3-4 min (k-means on 2^20 of the 6.3M values per layer); at the evaluator's 4 x 512 it
-  is ~1.5 min + ~1.5 min. Fits are cached on disk (`kvlab.calibration`), so this is paid once per
+  the 16 x 2048 capture with gradients took 12-18 min (35-105 s a row under load) and ~7.5 GB of RAM,
+  then each config's fit about a minute (scikit-learn k-means on all 6.3M values per layer; ~15 s on a
+  2^20 subsample); at the evaluator's 4 x 512 it is ~1.5 min + less than a minute. Fits are cached on disk (`kvlab.calibration`), so this is paid once per
   model, calibration text and config (and one capture serves every config of a `calibrate_many`).
 
 Bits: b per element + outliers (16 + 32 each) + 2 fp16 (offset, scale) per value token (and per
