@@ -123,9 +123,8 @@ def cmd_eval(args) -> None:
         check_corpus(args.data)    # an unknown corpus or an unreadable file:PATH fails before the model loads
     opts = {"ppl": dict(data=args.data, n_tokens=args.n_tokens, window=args.window, stride=args.stride,
                         prefill=args.prefill, attn_error=not args.no_attn_error, calib_tokens=args.calib_tokens,
-                        **({"decode_chunk": args.decode_chunk} if args.protocol == "decode" else {}),
-                        **({"measure_bytes": True} if args.measure_bytes else {}),
-                        **({"pack": True} if args.pack else {})),
+                        measure_bytes=args.measure_bytes, pack=args.pack,
+                        **({"decode_chunk": args.decode_chunk} if args.protocol == "decode" else {})),
             "choice": dict(n=args.n or 100, seed=args.seed),
             "summary": dict(n=args.n or 50, seed=args.seed, n_shot=args.n_shot,
                             max_new_tokens=args.max_new_tokens),

@@ -384,7 +384,7 @@ def _unpack_kvquant_many(ps: list[Packed]) -> torch.Tensor:
     p, N = ps[0], len(ps)
     m, lay, shape = p.method, p.layout, p.shape
     dev = p.data["codes"].device
-    data = _stacked(ps) if N > 1 else {k: v[None] for k, v in p.data.items() if not k.startswith("outlier")}
+    data = _stacked(ps)
     n = 1
     for s in shape:
         n *= s
@@ -413,10 +413,9 @@ def _unpack_kvquant_many(ps: list[Packed]) -> torch.Tensor:
     idx = unpack_bits(data["codes"], lay["code_bits"], n).view(N, *shape).long()
     xh = (levels.to(device=dev, dtype=torch.float32)[idx] * scl + off).to(p.dtype)
     if "outlier_index" in p.data:
-        flat = xh.reshape(-1)
-        index = torch.cat([q.data["outlier_index"].long() + j * n for j, q in enumerate(ps)])
-        value = torch.cat([q.data["outlier_value"] for q in ps])
-        xh = flat.index_put((index,), value.to(flat.dtype)).view(N, *shape)
+        sparse = {"outlier_index": torch.cat([q.data["outlier_index"].long() + j * n for j, q in enumerate(ps)]),
+                  "outlier_value": torch.cat([q.data["outlier_value"] for q in ps])}
+        xh = _put_outliers(xh.reshape(-1), sparse).view(N, *shape)
     return xh
 
 

@@ -165,7 +165,7 @@ class HFQuantizedCache(Method):
             for q, fp in ((getattr(layer, "_quantized_keys", None), getattr(layer, "keys", None)),
                           (getattr(layer, "_quantized_values", None), getattr(layer, "values", None))):
                 out["packed"] += self._quantized_part(q)[2]
-                if fp is not None and torch.is_tensor(fp) and fp.dim() == 4:
+                if torch.is_tensor(fp) and fp.dim() == 4:
                     out["fp"] += fp.numel() * fp.element_size()
         return out
 

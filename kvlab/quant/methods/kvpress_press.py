@@ -135,6 +135,7 @@ class KVPress(Method):
 
     # --- accounting (the ExternalCache interface, as HFQuantizedCache) ------------------------------
     totals = staticmethod(HFQuantizedCache.totals)
+    average_bits = staticmethod(HFQuantizedCache.average_bits)
 
     def resident_parts(self, cache) -> dict[str, int]:
         """Bytes the cache holds now: the kept keys / values, all full precision ("fp")."""
@@ -142,7 +143,6 @@ class KVPress(Method):
                  for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                  if torch.is_tensor(t) and t.dim() == 4)
         return {"packed": 0, "fp": fp}
-    average_bits = staticmethod(HFQuantizedCache.average_bits)
 
     def accounted_bits(self, cache) -> dict:
         """Bits of the cache's state summed over layers (see `accounted_layers`)."""
